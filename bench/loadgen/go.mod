@@ -1,0 +1,3 @@
+module kdcube.local/bench/loadgen
+
+go 1.19

@@ -1,0 +1,3 @@
+from kdcube.cli import main
+
+main()

@@ -1,0 +1,347 @@
+"""The ingress HTTP application: routes of PROTOCOL.md on Quart (Quart-Trio on Trio)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from kdcube.bus import CancelOutcome, TurnJob, parse_event_id
+from kdcube.ingress import requests
+from kdcube.ingress.streams import StreamHub, StreamStart
+from kdcube.proc.ending import Ending, emitter_for, end_turn
+from kdcube.runtime.platform import Platform
+from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn
+from kdcube.wire import events, sse
+from kdcube.wire.errors import ApiError, bad_request, draining, not_found
+from kdcube.wire.events import Route, TurnAddress, now_ms
+from kdcube.wire.ids import new_id
+from kdcube.wire.submission import parse_submission
+
+log = structlog.get_logger("kdcube.ingress")
+
+Json = dict[str, Any]
+
+
+def create_ingress_app(
+    platform: Platform, hub: StreamHub, *, backend: str, chat: bool = True
+) -> Quart:
+    """The ingress app; with ``chat=False`` only its health routes (a processor's)."""
+    app = _new_app(backend)
+    app.config["MAX_CONTENT_LENGTH"] = platform.settings.max_body_bytes
+    routes = _IngressRoutes(platform, hub)
+    routes.register_health(app)
+    if chat:
+        routes.register_chat(app)
+    return app
+
+
+def _new_app(backend: str) -> Quart:
+    if backend == "trio":
+        from quart_trio import QuartTrio
+
+        return QuartTrio("kdcube.ingress")
+    return Quart("kdcube.ingress")
+
+
+class _IngressRoutes:
+    def __init__(self, platform: Platform, hub: StreamHub) -> None:
+        self.platform = platform
+        self.settings = platform.settings
+        self.bus = platform.bus
+        self.store = platform.store
+        self.hub = hub
+
+    def register_health(self, app: Quart) -> None:
+        app.add_url_rule("/health", view_func=self.health, methods=["GET"])
+        app.add_url_rule("/ready", view_func=self.ready, methods=["GET"])
+        app.register_error_handler(ApiError, _api_error)
+        app.register_error_handler(HTTPException, _http_error)
+        app.register_error_handler(Exception, _unexpected_error)
+
+    def register_chat(self, app: Quart) -> None:
+        app.add_url_rule("/sse/stream", view_func=self.stream, methods=["GET"])
+        app.add_url_rule("/sse/chat", view_func=self.chat, methods=["POST"])
+        app.add_url_rule("/sse/cancel", view_func=self.cancel, methods=["POST"])
+        app.add_url_rule(
+            "/sse/conv_status.get", view_func=self.conv_status, methods=["POST"]
+        )
+        app.add_url_rule(
+            "/api/conversations", view_func=self.list_conversations, methods=["GET"]
+        )
+        app.add_url_rule(
+            "/api/conversations/<conversation_id>",
+            view_func=self.get_conversation,
+            methods=["GET"],
+        )
+        app.add_url_rule(
+            "/api/conversations/<conversation_id>",
+            endpoint="delete_conversation",
+            view_func=self.delete_conversation,
+            methods=["DELETE"],
+        )
+
+    async def health(self) -> tuple[Json, int]:
+        return {"status": "ok"}, 200
+
+    async def ready(self) -> tuple[Json, int]:
+        status, body = self.platform.health.readiness()
+        return body, status
+
+    def _refuse_when_draining(self) -> None:
+        if self.platform.health.draining:
+            raise draining()
+
+    async def stream(self) -> Response:
+        self._refuse_when_draining()
+        identity = await requests.identify(request, self.platform.authenticator)
+        stream_id = requests.client_id(
+            request.args.get("stream_id"), "stream_id", required=True
+        )
+        assert stream_id is not None
+        resume_from = requests.last_event_id(request)
+        if resume_from is not None:
+            try:
+                parse_event_id(resume_from)
+            except ValueError:
+                raise bad_request(
+                    "bad_last_event_id",
+                    "Last-Event-ID must be an event id this server sent.",
+                ) from None
+
+        session_id = await self.bus.state.session_for(
+            identity.session_key, ttl_s=self.settings.session_ttl_s
+        )
+        cursor = resume_from or await self.bus.relay.position(session_id)
+        ready = {
+            "session_id": session_id,
+            "stream_id": stream_id,
+            "user_type": identity.user_type.value,
+            "tenant": self.settings.tenant,
+            "project": self.settings.project,
+        }
+        start = StreamStart(session_id, stream_id, cursor, ready)
+        response = Response(self.hub.frames(start), headers=sse.HEADERS)
+        response.timeout = None
+        return response
+
+    async def chat(self) -> tuple[Json, int]:
+        self._refuse_when_draining()
+        identity = await requests.identify(request, self.platform.authenticator)
+        stream_id = requests.client_id(
+            request.args.get("stream_id"), "stream_id", required=False
+        )
+        submission = parse_submission(await requests.submission_body(request))
+        self._check_project(submission.tenant, submission.project)
+
+        prompt = submission.prompt()
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise bad_request(
+                "input_too_long",
+                f"The prompt has {len(prompt)} characters; the limit is "
+                f"{self.settings.max_prompt_chars}.",
+            )
+        spec = self.platform.registry.resolve(submission.bundle_id)
+        if spec is None:
+            raise bad_request("unknown_bundle", f"No bundle {submission.bundle_id!r}.")
+
+        requested = requests.client_id(
+            submission.conversation_id, "conversation_id", required=False
+        )
+        conversation_id = requested or new_id()
+        session_id = await self.bus.state.session_for(
+            identity.session_key, ttl_s=self.settings.session_ttl_s
+        )
+        new = NewTurn(
+            user_id=identity.user_id,
+            conversation_id=conversation_id,
+            create_conversation=requested is None,
+            bundle_id=spec.id,
+            turn_id=new_id(),
+            request_id=new_id(),
+            message_kind=submission.message_kind,
+            prompt=prompt,
+        )
+        try:
+            result = await self.store.submit_turn(new)
+        except ConversationNotFound:
+            raise not_found("conversation") from None
+
+        steering = result.busy and submission.message_kind == "steer"
+        if steering:
+            earlier = await self.store.unfinished_turns(
+                identity.user_id, conversation_id
+            )
+            await self._cancel_turns([t for t in earlier if t != new.turn_id])
+
+        job = TurnJob(
+            turn_id=new.turn_id,
+            conversation_id=conversation_id,
+            session_id=session_id,
+            stream_id=stream_id,
+            request_id=new.request_id,
+            tenant=self.settings.tenant,
+            project=self.settings.project,
+            user_id=identity.user_id,
+            user_type=identity.user_type.value,
+            bundle_id=spec.id,
+            prompt=prompt,
+            message_kind=submission.message_kind,
+            enqueued_at_ms=now_ms(),
+        )
+        await self.bus.queue.enqueue(job)
+        return {
+            "status": _ack_status(result.busy, submission.message_kind),
+            "conversation_id": conversation_id,
+            "turn_id": new.turn_id,
+            "session_id": session_id,
+            "conversation_created": result.conversation_created,
+        }, 200
+
+    async def cancel(self) -> tuple[Json, int]:
+        identity = await requests.identify(request, self.platform.authenticator)
+        body = await requests.json_body(request)
+        conversation_id = _required_field(body, "conversation_id")
+        turn_id = body.get("turn_id") if isinstance(body, dict) else None
+        try:
+            unfinished = await self.store.unfinished_turns(
+                identity.user_id, conversation_id
+            )
+        except ConversationNotFound:
+            raise not_found("conversation") from None
+
+        if turn_id is not None:
+            if turn_id not in unfinished:
+                raise ApiError(
+                    409, "turn_not_active", "That turn is not queued or running."
+                )
+            unfinished = [turn_id]
+        await self._cancel_turns(unfinished)
+        return {"status": "cancel_requested"}, 202
+
+    async def conv_status(self) -> tuple[Json, int]:
+        identity = await requests.identify(request, self.platform.authenticator)
+        stream_id = requests.client_id(
+            request.args.get("stream_id"), "stream_id", required=False
+        )
+        conversation_id = _required_field(
+            await requests.json_body(request), "conversation_id"
+        )
+        try:
+            summary = (
+                await self.store.conversation(identity.user_id, conversation_id)
+            ).summary
+        except ConversationNotFound:
+            raise not_found("conversation") from None
+
+        session_id = await self.bus.state.session_for(
+            identity.session_key, ttl_s=self.settings.session_ttl_s
+        )
+        updated_at = events.iso(summary.updated_at)
+        address = TurnAddress(
+            tenant=self.settings.tenant,
+            project=self.settings.project,
+            user_id=identity.user_id,
+            user_type=identity.user_type.value,
+            session_id=session_id,
+            conversation_id=conversation_id,
+            turn_id=summary.current_turn_id or "",
+            request_id=new_id(),
+        )
+        envelope = events.conv_status(
+            address,
+            summary.state,
+            current_turn_id=summary.current_turn_id,
+            updated_at=updated_at,
+        )
+        await self.bus.relay.publish(
+            session_id, Route.CONV_STATUS, sse.dumps(envelope), stream_id=stream_id
+        )
+        return {
+            "conversation_id": conversation_id,
+            "state": summary.state,
+            "current_turn_id": summary.current_turn_id,
+            "updated_at": updated_at,
+        }, 200
+
+    async def list_conversations(self) -> tuple[Json, int]:
+        identity = await requests.identify(request, self.platform.authenticator)
+        found = await self.store.conversations(identity.user_id)
+        return {"conversations": [c.to_json() for c in found]}, 200
+
+    async def get_conversation(self, conversation_id: str) -> tuple[Json, int]:
+        identity = await requests.identify(request, self.platform.authenticator)
+        try:
+            detail = await self.store.conversation(identity.user_id, conversation_id)
+        except ConversationNotFound:
+            raise not_found("conversation") from None
+        return detail.to_json(), 200
+
+    async def delete_conversation(self, conversation_id: str) -> tuple[Json, int]:
+        identity = await requests.identify(request, self.platform.authenticator)
+        outcome = await self.store.delete_conversation(
+            identity.user_id, conversation_id
+        )
+        if outcome is DeleteOutcome.NOT_FOUND:
+            raise not_found("conversation")
+        if outcome is DeleteOutcome.BUSY:
+            raise ApiError(
+                409,
+                "conversation_busy",
+                "A turn is queued or running; cancel it first.",
+            )
+        return {"status": "deleted", "conversation_id": conversation_id}, 200
+
+    async def _cancel_turns(self, turn_ids: list[str]) -> None:
+        """Drop waiting turns here; running ones are stopped by their processor."""
+        for turn_id in turn_ids:
+            result = await self.bus.queue.cancel(turn_id)
+            if result.outcome is CancelOutcome.DROPPED and result.job is not None:
+                emitter = emitter_for(self.bus.relay, result.job)
+                await end_turn(
+                    self.store,
+                    emitter,
+                    result.job,
+                    Ending.cancelled(),
+                    final_status=False,
+                )
+
+    def _check_project(self, tenant: str | None, project: str | None) -> None:
+        if tenant not in (None, self.settings.tenant) or project not in (
+            None,
+            self.settings.project,
+        ):
+            raise bad_request(
+                "invalid_request",
+                f"This server serves tenant {self.settings.tenant!r}, "
+                f"project {self.settings.project!r}.",
+            )
+
+
+def _ack_status(busy: bool, message_kind: str) -> str:
+    if not busy:
+        return "processing_started"
+    return "steer_accepted" if message_kind == "steer" else "followup_accepted"
+
+
+def _required_field(body: Any, name: str) -> str:
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"missing_{name}", f"The body must name a {name}.")
+    return value
+
+
+async def _api_error(error: ApiError) -> tuple[Json, int, dict[str, str]]:
+    return error.body(), error.status, error.headers()
+
+
+async def _http_error(error: HTTPException) -> tuple[Json, int]:
+    code = (error.name or "error").lower().replace(" ", "_")
+    return {"error": code, "detail": error.description or code}, error.code or 500
+
+
+async def _unexpected_error(error: Exception) -> tuple[Json, int]:
+    log.error("http.unhandled", path=request.path, exc_info=error)
+    return {"error": "internal_error", "detail": "The server failed; try again."}, 500

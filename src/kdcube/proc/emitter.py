@@ -1,0 +1,104 @@
+"""Turn events on their way to the relay, each wrapped in the envelope."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from kdcube.bus import Relay
+from kdcube.wire import events
+from kdcube.wire.events import Route, TurnAddress
+from kdcube.wire.sse import dumps
+
+
+class TurnEmitter:
+    """Publishes one turn's events to its session, aimed at its stream.
+
+    ``last_activity`` (the event loop's clock) feeds the idle watchdog.
+    """
+
+    def __init__(
+        self, relay: Relay, address: TurnAddress, stream_id: str | None
+    ) -> None:
+        self._relay = relay
+        self._address = address
+        self._stream_id = stream_id
+        self._delta_index: dict[str, int] = {}
+        self.last_activity = anyio.current_time()
+
+    async def publish(self, route: Route, body: dict[str, Any]) -> None:
+        self.last_activity = anyio.current_time()
+        await self._relay.publish(
+            self._address.session_id, route, dumps(body), stream_id=self._stream_id
+        )
+
+    async def status(self, state: str, *, completion: str | None = None) -> None:
+        body = events.conv_status(
+            self._address,
+            state,
+            current_turn_id=self._address.turn_id,
+            completion=completion,
+        )
+        await self.publish(Route.CONV_STATUS, body)
+
+    async def start(self, bundle_id: str) -> None:
+        body = events.envelope(
+            self._address,
+            "chat.start",
+            data={"bundle_id": bundle_id},
+            event={"status": "started"},
+        )
+        await self.publish(Route.CHAT_START, body)
+
+    async def complete(self, final_answer: str) -> None:
+        body = events.envelope(
+            self._address,
+            "chat.complete",
+            data={"final_answer": final_answer},
+            event={"status": "completed"},
+        )
+        await self.publish(Route.CHAT_COMPLETE, body)
+
+    async def error(self, error_type: str, message: str, reason: str | None) -> None:
+        body = events.chat_error(self._address, error_type, message, reason=reason)
+        await self.publish(Route.CHAT_ERROR, body)
+
+    async def delta(self, text: str, *, marker: str = "answer") -> None:
+        index = self._delta_index.get(marker, 0)
+        self._delta_index[marker] = index + 1
+        body = events.envelope(
+            self._address,
+            "chat.delta",
+            delta={"text": text, "index": index, "marker": marker, "completed": False},
+        )
+        await self.publish(Route.CHAT_DELTA, body)
+
+    async def step(
+        self,
+        step: str,
+        *,
+        status: str = "running",
+        title: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        agent: str | None = None,
+    ) -> None:
+        event: dict[str, Any] = {"step": step, "status": status}
+        if title is not None:
+            event["title"] = title
+        if agent is not None:
+            event["agent"] = agent
+        body = events.envelope(
+            self._address, "chat.step", data=dict(data or {}), event=event
+        )
+        await self.publish(Route.CHAT_STEP, body)
+
+    async def followups(self, suggestions: Sequence[str]) -> None:
+        body = events.envelope(
+            self._address,
+            "chat.followups",
+            data={"followups": list(suggestions)},
+            event={"step": "followups", "status": "completed"},
+        )
+        await self.publish(Route.CHAT_STEP, body)

@@ -1,0 +1,310 @@
+"""Claims turns from the queue and runs each in its own cancel scope.
+
+Ownership: ``serve`` opens the turn task group, so every turn belongs to the
+processor and ends before ``serve`` returns. Client cancel, the idle and
+wall-time watchdogs, lease loss and shutdown all stop a turn the same way: by
+cancelling its scope with a reason. Ending a turn (store, terminal event,
+final status, ack) runs shielded under a short deadline so it happens even
+when the turn was cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from kdcube.bundles import LoadedBundle
+from kdcube.bus import Bus, BusError, Claim, LeaseLost
+from kdcube.proc.emitter import TurnEmitter
+from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
+from kdcube.sdk import TurnContext
+from kdcube.store import Store
+from kdcube.wire.ids import new_id
+
+log = structlog.get_logger("kdcube.proc")
+
+_SETTLE_S = 5.0
+_BUS_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorOptions:
+    concurrency: int = 32
+    lease_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    wall_timeout_s: float = 2400.0
+    drain_timeout_s: float = 30.0
+    heartbeat_s: float = 5.0
+
+
+@dataclass(slots=True)
+class _RunningTurn:
+    claim: Claim
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: StopReason | None = None
+    began: bool = False
+    """Whether ``in_progress`` went out for it, here or on an earlier claim."""
+
+    def stop(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.scope.cancel()
+
+
+class Processor:
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        bundles: dict[str, LoadedBundle],
+        options: ProcessorOptions,
+    ) -> None:
+        self._bus = bus
+        self._store = store
+        self._bundles = bundles
+        self._options = options
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self._running: dict[str, _RunningTurn] = {}
+        self._turn_ended = anyio.Event()
+        self._slots = anyio.Semaphore(options.concurrency)
+        self._intake = anyio.CancelScope()
+        self._draining = False
+        self.finished = anyio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Stop claiming; running turns get ``drain_timeout_s`` to finish."""
+        self._draining = True
+        self._intake.cancel()
+
+    async def serve(
+        self, *, task_status: TaskStatus[Processor] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self._serve(task_status)
+        finally:
+            self.finished.set()
+
+    async def _serve(self, task_status: TaskStatus[Processor]) -> None:
+        async with anyio.create_task_group() as helpers:
+            await helpers.start(self._listen_for_cancels)
+            helpers.start_soon(self._beat_forever)
+            async with anyio.create_task_group() as turns:
+                task_status.started(self)
+                with self._intake:
+                    await self._claim_forever(turns)
+                await self._finish_in_flight()
+
+            if not self._bus.durable:
+                await self._interrupt_waiting()
+            helpers.cancel_scope.cancel()
+
+    async def _claim_forever(self, turns: TaskGroup) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                claim = await self._claim()
+            except BaseException:
+                self._slots.release()
+                raise
+            turns.start_soon(self._run_turn, claim)
+
+    async def _claim(self) -> Claim:
+        while True:
+            try:
+                return await self._bus.queue.claim(
+                    self.instance, lease_s=self._options.lease_s
+                )
+            except BusError as exc:
+                log.warning("queue.claim_failed", error=str(exc))
+                await anyio.sleep(_BUS_RETRY_S)
+
+    async def _finish_in_flight(self) -> None:
+        with anyio.move_on_after(self._options.drain_timeout_s):
+            while self._running:
+                await self._turn_ended.wait()
+
+        for turn in list(self._running.values()):
+            turn.stop(StopReason.SHUTDOWN)
+
+    async def _listen_for_cancels(self, *, task_status: TaskStatus[None]) -> None:
+        async with self._bus.queue.watch_cancels() as requests:
+            task_status.started()
+            async for turn_id in requests:
+                turn = self._running.get(turn_id)
+                if turn is not None:
+                    turn.stop(StopReason.CANCELLED)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            info = {
+                "capacity": self._options.concurrency,
+                "in_flight": self.in_flight,
+                "draining": self._draining,
+            }
+            try:
+                await self._bus.state.beat(
+                    "proc", self.instance, info, ttl_s=self._options.heartbeat_s * 3
+                )
+            except BusError as exc:
+                log.warning("proc.heartbeat_failed", error=str(exc))
+            await anyio.sleep(self._options.heartbeat_s)
+
+    async def _run_turn(self, claim: Claim) -> None:
+        job = claim.job
+        turn = self._running[job.turn_id] = _RunningTurn(claim)
+        emitter = emitter_for(self._bus.relay, job)
+        started_at = anyio.current_time()
+        ending: Ending | None = Ending.interrupted("server_shutdown")
+        try:
+            ending = await self._execute(turn, emitter)
+        except Exception as exc:
+            log.error("turn.crashed", turn_id=job.turn_id, exc_info=exc)
+            ending = Ending.failed(
+                "internal_error", "The server failed to run this turn."
+            )
+        finally:
+            del self._running[job.turn_id]
+            self._slots.release()
+            with anyio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = anyio.current_time() + _SETTLE_S
+                await self._settle(turn, emitter, ending)
+            self._turn_ended.set()
+            self._turn_ended = anyio.Event()
+            log.info(
+                "turn.finished",
+                turn_id=job.turn_id,
+                bundle_id=job.bundle_id,
+                outcome=ending.state.value if ending else "skipped",
+                reason=turn.reason,
+                duration_ms=round((anyio.current_time() - started_at) * 1000, 1),
+            )
+
+    async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending | None:
+        """Run the turn; None means it had already ended elsewhere."""
+        claim, job = turn.claim, turn.claim.job
+        if claim.started:
+            turn.began = True
+            return Ending.interrupted("worker_lost_after_start")
+        if await self._bus.queue.cancel_requested(claim):
+            return Ending.cancelled()
+        if not await self._store.start_turn(job.turn_id):
+            return None
+
+        await self._bus.queue.mark_started(claim)
+        turn.began = True
+        await emitter.status("in_progress")
+        await emitter.start(job.bundle_id)
+        bundle = self._bundles.get(job.bundle_id)
+        if bundle is None:
+            return Ending.failed(
+                "bundle_error", f"Bundle {job.bundle_id!r} is not loaded."
+            )
+
+        ending = await self._run_bundle(turn, bundle, emitter)
+        if turn.reason is not None:
+            return Ending.stopped(turn.reason)
+        if ending is None:
+            return Ending.stopped(StopReason.WALL)
+        return ending
+
+    async def _run_bundle(
+        self, turn: _RunningTurn, bundle: LoadedBundle, emitter: TurnEmitter
+    ) -> Ending | None:
+        """The bundle under its watchdogs; None when the turn's scope was cancelled."""
+        job = turn.claim.job
+        context = TurnContext(
+            tenant=job.tenant,
+            project=job.project,
+            user_id=job.user_id,
+            user_type=job.user_type,
+            session_id=job.session_id,
+            conversation_id=job.conversation_id,
+            turn_id=job.turn_id,
+            bundle_id=job.bundle_id,
+            prompt=job.prompt,
+            config=bundle.config,
+            emit=emitter,
+        )
+        ending: Ending | None = None
+        with turn.scope:
+            turn.scope.deadline = anyio.current_time() + self._options.wall_timeout_s
+            async with anyio.create_task_group() as guards:
+                guards.start_soon(self._watch_idle, turn, emitter)
+                guards.start_soon(self._keep_lease, turn)
+                try:
+                    answer = await bundle.run(context)
+                    ending = Ending.completed(answer or "")
+                except Exception as exc:
+                    log.error(
+                        "bundle.failed",
+                        turn_id=job.turn_id,
+                        bundle_id=job.bundle_id,
+                        exc_info=exc,
+                    )
+                    ending = Ending.failed(
+                        "bundle_error", "The assistant failed to answer."
+                    )
+                finally:
+                    guards.cancel_scope.cancel()
+        return ending
+
+    async def _watch_idle(self, turn: _RunningTurn, emitter: TurnEmitter) -> None:
+        while True:
+            quiet_until = emitter.last_activity + self._options.idle_timeout_s
+            now = anyio.current_time()
+            if now >= quiet_until:
+                turn.stop(StopReason.IDLE)
+                return
+            await anyio.sleep(quiet_until - now)
+
+    async def _keep_lease(self, turn: _RunningTurn) -> None:
+        while True:
+            await anyio.sleep(self._options.lease_s / 3)
+            try:
+                await self._bus.queue.renew(turn.claim, lease_s=self._options.lease_s)
+            except LeaseLost:
+                turn.stop(StopReason.LEASE_LOST)
+                return
+            except BusError as exc:
+                log.warning(
+                    "queue.renew_failed", turn_id=turn.claim.job.turn_id, error=str(exc)
+                )
+
+    async def _settle(
+        self, turn: _RunningTurn, emitter: TurnEmitter, ending: Ending | None
+    ) -> None:
+        """End the turn (see ``end_turn``), then release it in the queue."""
+        if turn.reason is StopReason.LEASE_LOST:
+            return  # Another processor owns the turn now; its events are its own.
+
+        if ending is not None:
+            await end_turn(
+                self._store, emitter, turn.claim.job, ending, final_status=turn.began
+            )
+        try:
+            await self._bus.queue.ack(turn.claim)
+        except BusError as exc:
+            log.warning(
+                "queue.ack_failed", turn_id=turn.claim.job.turn_id, error=str(exc)
+            )
+
+    async def _interrupt_waiting(self) -> None:
+        """End turns still waiting in a queue that dies with this process."""
+        with anyio.CancelScope(shield=True):
+            for job in await self._bus.queue.take_waiting():
+                emitter = emitter_for(self._bus.relay, job)
+                ending = Ending.interrupted("server_shutdown")
+                await end_turn(self._store, emitter, job, ending, final_status=False)

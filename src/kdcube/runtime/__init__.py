@@ -1,0 +1,1 @@
+"""Process runtime: the platform's parts, the supervisor, HTTP serving, signals."""

@@ -1,0 +1,78 @@
+"""Serve an ASGI app with Hypercorn inside the caller's task group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import sniffio
+from anyio.abc import TaskStatus
+from hypercorn.config import Config
+from hypercorn.utils import wrap_app
+
+_GRACEFUL_S = 5.0
+
+
+def hypercorn_config(host: str, port: int) -> Config:
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = _GRACEFUL_S
+    config.keep_alive_timeout = 75
+    return config
+
+
+async def serve_http(
+    app: Any,
+    config: Config,
+    *,
+    shutdown: anyio.Event,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind, report the URLs as started, serve until ``shutdown`` is set.
+
+    The sockets are bound here, before serving, so that port 0 resolves to a
+    real port that can be reported.
+    """
+    sockets = config.create_sockets()
+    for sock in sockets.insecure_sockets + sockets.secure_sockets:
+        sock.listen(config.backlog)
+    urls = [_url(sock, secure=False) for sock in sockets.insecure_sockets]
+    urls += [_url(sock, secure=True) for sock in sockets.secure_sockets]
+    wrapped = wrap_app(app, config.wsgi_max_body_size, None)
+
+    if sniffio.current_async_library() == "trio":
+        from hypercorn.trio.run import worker_serve as trio_serve
+
+        await trio_serve(
+            wrapped,
+            config,
+            sockets=sockets,
+            shutdown_trigger=shutdown.wait,
+            task_status=_Relay(task_status, urls),
+        )
+    else:
+        from hypercorn.asyncio.run import worker_serve as asyncio_serve
+
+        task_status.started(urls)
+        await asyncio_serve(
+            wrapped, config, sockets=sockets, shutdown_trigger=shutdown.wait
+        )
+
+
+class _Relay:
+    """Hypercorn reports its binds; we report URLs with the real port."""
+
+    def __init__(self, status: TaskStatus[list[str]], urls: list[str]) -> None:
+        self._status = status
+        self._urls = urls
+
+    def started(self, _binds: object = None) -> None:
+        self._status.started(self._urls)
+
+
+def _url(sock: Any, *, secure: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if secure else 'http'}://{shown}:{port}"

@@ -1,0 +1,151 @@
+"""One root task group per process: start the roles, drain them on stop.
+
+Stop is two-staged. The first request drains: readiness turns 503, intake
+stops, running turns get ``KDCUBE_DRAIN_TIMEOUT_S`` to finish and are then
+cancelled with their terminal events, and only then do the SSE streams end
+with ``server_shutdown`` (so they carry those terminal events out). A second
+request cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+
+import anyio
+import sniffio
+import structlog
+from anyio.abc import TaskStatus
+
+from kdcube.bundles import LoadedBundle, load_bundle
+from kdcube.config import Settings
+from kdcube.ingress import StreamHub, create_ingress_app
+from kdcube.proc import Processor, ProcessorOptions
+from kdcube.runtime.http import hypercorn_config, serve_http
+from kdcube.runtime.platform import Platform, open_platform
+
+log = structlog.get_logger("kdcube.runtime")
+
+_STREAMS_GOODBYE_S = 5.0
+
+
+class Role(StrEnum):
+    INGRESS = "ingress"
+    PROC = "proc"
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What a started supervisor hands back: where it listens and its parts."""
+
+    urls: list[str]
+    platform: Platform
+    processor: Processor | None
+    hub: StreamHub
+
+
+class Supervisor:
+    def __init__(
+        self, settings: Settings, roles: set[Role], *, host: str, port: int
+    ) -> None:
+        self._settings = settings
+        self._roles = roles
+        self._host = host
+        self._port = port
+        self._stop_requested = anyio.Event()
+        self._root: anyio.CancelScope | None = None
+
+    def request_stop(self) -> None:
+        """First call drains; a second one stops at once."""
+        if self._stop_requested.is_set() and self._root is not None:
+            log.warning("runtime.stop_now")
+            self._root.cancel()
+            return
+        log.info("runtime.drain_requested")
+        self._stop_requested.set()
+
+    async def run(
+        self, *, task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with open_platform(self._settings) as platform:
+            async with anyio.create_task_group() as root:
+                self._root = root.cancel_scope
+                processor = await self._start_processor(root, platform)
+                hub = StreamHub(platform.bus.relay, self._settings.sse_keepalive_s)
+                app = create_ingress_app(
+                    platform,
+                    hub,
+                    backend=sniffio.current_async_library(),
+                    chat=Role.INGRESS in self._roles,
+                )
+                http_closed = anyio.Event()
+                config = hypercorn_config(self._host, self._port)
+                urls = await root.start(
+                    partial(serve_http, app, config, shutdown=http_closed)
+                )
+                task_status.started(Running(urls, platform, processor, hub))
+
+                await self._stop_requested.wait()
+                await self._drain(platform, processor, hub, http_closed)
+
+    async def _start_processor(
+        self, root: anyio.abc.TaskGroup, platform: Platform
+    ) -> Processor | None:
+        if Role.PROC not in self._roles:
+            return None
+
+        bundles = _load_bundles(platform)
+        options = ProcessorOptions(
+            concurrency=self._settings.proc_concurrency,
+            lease_s=self._settings.lease_s,
+            idle_timeout_s=self._settings.turn_idle_timeout_s,
+            wall_timeout_s=self._settings.turn_wall_timeout_s,
+            drain_timeout_s=self._settings.drain_timeout_s,
+        )
+        processor = Processor(platform.bus, platform.store, bundles, options)
+        await root.start(processor.serve)
+        return processor
+
+    async def _drain(
+        self,
+        platform: Platform,
+        processor: Processor | None,
+        hub: StreamHub,
+        http_closed: anyio.Event,
+    ) -> None:
+        platform.health.begin_drain()
+        if processor is not None:
+            processor.begin_drain()
+            await processor.finished.wait()
+
+        hub.close_all()
+        with anyio.move_on_after(_STREAMS_GOODBYE_S):
+            await hub.wait_all_closed()
+        http_closed.set()
+        log.info("runtime.drained")
+
+
+def _load_bundles(platform: Platform) -> dict[str, LoadedBundle]:
+    return {spec.id: load_bundle(spec) for spec in platform.registry.specs.values()}
+
+
+async def forward_signals(supervisor: Supervisor) -> None:
+    """Turn SIGINT and SIGTERM into stop requests, for as long as it runs."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("runtime.signal", signal=signal.Signals(signum).name)
+            supervisor.request_stop()
+
+
+async def serve_until_stopped(
+    supervisor: Supervisor,
+    *,
+    task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the supervisor with signal handling, as the CLI does."""
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(forward_signals, supervisor)
+        await supervisor.run(task_status=task_status)
+        tasks.cancel_scope.cancel()

@@ -1,0 +1,118 @@
+"""Storage on the local file system, with atomic writes (temp file + rename)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from kdcube.storage.keys import check_key
+from kdcube.storage.ports import ObjectInfo, ObjectNotFound
+
+_CHUNK = 256 * 1024
+_PARTIAL = ".partial-"
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self._root = root.resolve()
+
+    def _path(self, key: str, *, prefix: bool = False) -> Path:
+        return self._root / check_key(key, prefix=prefix)
+
+    async def put(self, key: str, body: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        target = self._path(key)
+        await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
+        temp = anyio.Path(target.parent / f"{_PARTIAL}{uuid.uuid4().hex}")
+        size = 0
+        try:
+            async with await anyio.open_file(temp, "wb") as out:
+                chunks = [body] if isinstance(body, bytes) else body
+                async for chunk in _as_async(chunks):
+                    await out.write(chunk)
+                    size += len(chunk)
+            await temp.rename(target)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await temp.unlink(missing_ok=True)
+            raise
+
+        return ObjectInfo(key, size)
+
+    async def get(
+        self, key: str, *, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = await anyio.open_file(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+
+        async with handle:
+            await handle.seek(start)
+            remaining = None if end is None else max(0, end - start)
+            while remaining is None or remaining > 0:
+                size = _CHUNK if remaining is None else min(_CHUNK, remaining)
+                chunk = await handle.read(size)
+                if not chunk:
+                    return
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    async def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            stat = await anyio.Path(path).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return ObjectInfo(key, stat.st_size)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        check_key(prefix, prefix=True)
+        return await anyio.to_thread.run_sync(self._list, prefix)
+
+    async def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            await anyio.Path(path).unlink()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+        return True
+
+    async def delete_prefix(self, prefix: str) -> int:
+        found = await self.list(prefix)
+        for info in found:
+            await self.delete(info.key)
+        return len(found)
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        # Walk only the deepest folder the prefix names, then filter by name.
+        folder = self._root / prefix.rpartition("/")[0]
+        found = []
+        for dirpath, _dirs, files in os.walk(folder):
+            for name in files:
+                if name.startswith(_PARTIAL):
+                    continue
+                path = Path(dirpath) / name
+                key = path.relative_to(self._root).as_posix()
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key, path.stat().st_size))
+        return sorted(found, key=lambda info: info.key)
+
+
+async def _as_async(
+    chunks: list[bytes] | AsyncIterable[bytes],
+) -> AsyncIterator[bytes]:
+    if isinstance(chunks, list):
+        for chunk in chunks:
+            yield chunk
+    else:
+        async for chunk in chunks:
+            yield chunk

@@ -1,0 +1,1 @@
+"""What crosses the wire: event envelopes, SSE frames, API errors, submissions."""
