@@ -127,7 +127,7 @@ def default_registry() -> BundleRegistry:
     """Every example bundle, with ``echo`` as the default."""
     root = examples_root()
     specs = [
-        BundleSpec(id=folder.name, path=folder)
+        BundleSpec(id=folder.name, path=folder, module="entrypoint")
         for folder in sorted(root.iterdir())
         if (folder / "entrypoint.py").is_file()
     ]

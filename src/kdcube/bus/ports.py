@@ -205,9 +205,14 @@ class State(Protocol):
 
 
 class Bus(Protocol):
-    queue: Queue
-    relay: Relay
-    state: State
+    @property
+    def queue(self) -> Queue: ...
+
+    @property
+    def relay(self) -> Relay: ...
+
+    @property
+    def state(self) -> State: ...
 
     @property
     def durable(self) -> bool:

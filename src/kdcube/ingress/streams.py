@@ -8,7 +8,7 @@ keeps a handle per stream so that drain can end them all.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -37,7 +37,7 @@ class StreamStart:
     session_id: str
     stream_id: str
     cursor: str
-    ready: dict[str, object]
+    ready: Mapping[str, object]
 
 
 @dataclass
@@ -66,7 +66,7 @@ class StreamHub:
         opened_at = anyio.current_time()
         sent = 0
         try:
-            yield sse.frame_obj(Route.READY, start.ready, start.cursor)
+            yield sse.frame(Route.READY, sse.dumps(start.ready), start.cursor)
             cursor = start.cursor
             while not stream.closing:
                 read = None

@@ -57,6 +57,10 @@ class Supervisor:
         self._stop_requested = anyio.Event()
         self._root: anyio.CancelScope | None = None
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested.is_set()
+
     def request_stop(self) -> None:
         """First call drains; a second one stops at once."""
         if self._stop_requested.is_set() and self._root is not None:

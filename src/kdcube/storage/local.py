@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
@@ -92,7 +93,7 @@ class LocalStorage:
             await self.delete(info.key)
         return len(found)
 
-    def _list(self, prefix: str) -> list[ObjectInfo]:
+    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
         # Walk only the deepest folder the prefix names, then filter by name.
         folder = self._root / prefix.rpartition("/")[0]
         found = []

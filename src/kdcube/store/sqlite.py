@@ -55,7 +55,9 @@ def migrate(connection: sqlite3.Connection) -> list[int]:
         row[0] for row in connection.execute("SELECT version FROM schema_migrations")
     }
     folder = resources.files("kdcube.store.migrations.sqlite")
-    scripts = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    scripts = sorted(
+        (p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name
+    )
     done = []
     for script in scripts:
         version = int(script.name.split("_", 1)[0])

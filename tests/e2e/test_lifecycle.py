@@ -1,0 +1,158 @@
+"""Process lifecycle: no task outlives shutdown; the CLI starts and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import trio
+import trio.lowlevel
+
+from tests.helpers import open_stream, serve, submit, write_bundles
+
+pytestmark = pytest.mark.anyio
+
+
+def _all_tasks() -> set[trio.lowlevel.Task]:
+    found: set[trio.lowlevel.Task] = set()
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        found.add(task)
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return found
+
+
+async def test_no_task_outlives_shutdown(tmp_path: Path) -> None:
+    before = _all_tasks()
+    async with serve(tmp_path) as server:
+        async with open_stream(server.client, "alice") as stream:
+            ack = await submit(
+                server.client, "alice", "count my tasks", bundle_id="slow"
+            )
+            await stream.until("chat_delta", ack["turn_id"])
+        during = _all_tasks()
+
+    after = _all_tasks()
+    assert len(during) > len(before) + 5, "the server ran tasks of its own"
+    assert after - before == set(), f"left behind: {[t.name for t in after - before]}"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcube", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def _started_url(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    line = await anyio.to_thread.run_sync(process.stdout.readline)
+    assert "ready at" in line, line
+    return line.rsplit(" ", 1)[-1].strip()
+
+
+@pytest.mark.slow
+async def test_kdcube_run_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
+    bundles = write_bundles(tmp_path)
+    process = _cli(
+        "run",
+        "--port",
+        "0",
+        "--bundles",
+        str(bundles),
+        env={"KDCUBE_HOME": str(tmp_path / "home")},
+    )
+    try:
+        url = await _started_url(process)
+        async with httpx.AsyncClient(base_url=url) as client:
+            async with open_stream(client, "alice") as stream:
+                ack = await submit(client, "alice", "over the wire")
+                events = await stream.turn(ack["turn_id"])
+                process.send_signal(signal.SIGTERM)
+                goodbye = await stream.next()
+        code = await anyio.to_thread.run_sync(process.wait, 10)
+    finally:
+        process.kill()
+
+    assert events[-2].data["data"]["final_answer"] == "over the wire"
+    assert goodbye.route == "server_shutdown"
+    assert code == 0
+
+
+@pytest.mark.slow
+async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    bundles = write_bundles(tmp_path)
+    process = _cli(
+        "run",
+        "--port",
+        "0",
+        "--bundles",
+        str(bundles),
+        env={"KDCUBE_HOME": str(tmp_path / "home"), "KDCUBE_DRAIN_TIMEOUT_S": "60"},
+    )
+    try:
+        url = await _started_url(process)
+        async with httpx.AsyncClient(base_url=url) as client:
+            async with open_stream(client, "alice") as stream:
+                ack = await submit(client, "alice", "endless", bundle_id="sleeper")
+                await stream.until("chat_delta", ack["turn_id"])
+                process.send_signal(signal.SIGINT)
+                with anyio.fail_after(5):
+                    # Polls another process, which has no event to wait on.
+                    while (await client.get("/ready")).status_code != 503:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                process.send_signal(signal.SIGINT)
+                code = await anyio.to_thread.run_sync(process.wait, 10)
+    finally:
+        process.kill()
+
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "names"),
+    [
+        ({"KDCUBE_PROC_CONCURRENCY": "lots"}, ["run"], "KDCUBE_PROC_CONCURRENCY"),
+        ({"KDCUBE_STORAGE_PATH": "ftp://x"}, ["run"], "KDCUBE_STORAGE_PATH"),
+        ({"KDCUBE_ASYNC_BACKEND": "curio"}, ["run"], "KDCUBE_ASYNC_BACKEND"),
+        ({}, ["serve", "ingress"], "KDCUBE_REDIS_URL"),
+    ],
+)
+def test_bad_configuration_stops_with_one_line_naming_it(
+    tmp_path: Path, env: dict[str, str], args: list[str], names: str
+) -> None:
+    process = _cli(*args, "--port", "0", env={"KDCUBE_HOME": str(tmp_path), **env})
+    _, err = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert err.count("\n") == 1 and names in err, err
+
+
+def test_bad_bundles_file_is_a_clear_error(tmp_path: Path) -> None:
+    bundles = tmp_path / "bundles.yaml"
+    bundles.write_text("bundles:\n  items:\n    - id: x\n      path: nowhere\n")
+    process = _cli(
+        "run",
+        "--port",
+        "0",
+        "--bundles",
+        str(bundles),
+        env={"KDCUBE_HOME": str(tmp_path)},
+    )
+    _, err = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert "nowhere" in err and "is not a folder" in err
