@@ -15,6 +15,8 @@ from kdcube.storage.keys import check_key
 from kdcube.storage.ports import ObjectInfo, ObjectNotFound
 
 _CHUNK = 256 * 1024
+# Temp files share the key space: an object whose name starts with this is
+# hidden from list and so survives delete_prefix.
 _PARTIAL = ".partial-"
 
 

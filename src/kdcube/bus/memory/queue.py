@@ -45,8 +45,9 @@ class _Conversation:
 class MemoryQueue:
     def __init__(self) -> None:
         self._conversations: dict[str, _Conversation] = {}
-        # Conversations with a waiting turn and none claimed, oldest first. It
-        # may hold conversations emptied by a cancel; claim skips those.
+        # Conversations with a waiting turn and none claimed, oldest first. A
+        # cancel that empties one takes it out, or a turn enqueued later would
+        # inherit its place.
         self._ready: deque[str] = deque()
         self._leases: dict[str, _Lease] = {}
         self._last_token = 0
@@ -110,6 +111,8 @@ class MemoryQueue:
             for waiting in conversation.waiting:
                 if waiting.job.turn_id == turn_id:
                     conversation.waiting.remove(waiting)
+                    if conversation.claimed_turn is None and not conversation.waiting:
+                        self._ready.remove(conversation_id)
                     self._forget_if_idle(conversation_id, conversation)
                     return CancelResult(CancelOutcome.DROPPED, waiting.job)
 
@@ -168,7 +171,9 @@ class MemoryQueue:
                 started=waiting.started,
             )
             conversation.claimed_turn = waiting.job.turn_id
-            self._leases[waiting.job.turn_id] = _Lease(claim, expires_at)
+            self._leases[waiting.job.turn_id] = _Lease(
+                claim, expires_at, started=waiting.started
+            )
             return claim
 
         return None

@@ -19,7 +19,9 @@ class _Expiring:
 class MemoryState:
     def __init__(self) -> None:
         self._sessions: dict[str, _Expiring] = {}
-        self._counters: dict[tuple[str, int], int] = {}
+        # Keyed by window length too: window numbers of different lengths
+        # cannot be compared, so each is pruned against its own current one.
+        self._counters: dict[tuple[str, float, int], int] = {}
         self._beats: dict[str, dict[str, _Expiring]] = {}
         self._locks: dict[str, _Expiring] = {}
         self._last_token = 0
@@ -35,10 +37,12 @@ class MemoryState:
 
     async def incr(self, key: str, *, window_s: float) -> int:
         await anyio.lowlevel.checkpoint()
-        window = math.floor(anyio.current_time() / window_s)
-        self._counters = {k: v for k, v in self._counters.items() if k[1] >= window}
-        count = self._counters.get((key, window), 0) + 1
-        self._counters[(key, window)] = count
+        now = anyio.current_time()
+        self._counters = {
+            k: v for k, v in self._counters.items() if k[2] >= math.floor(now / k[1])
+        }
+        counter = (key, window_s, math.floor(now / window_s))
+        self._counters[counter] = count = self._counters.get(counter, 0) + 1
         return count
 
     async def beat(
