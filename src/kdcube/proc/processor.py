@@ -164,33 +164,44 @@ class Processor:
 
     async def _run_turn(self, claim: Claim) -> None:
         job = claim.job
-        turn = self._running[job.turn_id] = _RunningTurn(claim)
+        turn = _RunningTurn(claim)
+        self._running[job.turn_id] = turn
         emitter = emitter_for(self._bus.relay, job)
         started_at = anyio.current_time()
         ending: Ending | None = Ending.interrupted("server_shutdown")
-        try:
-            ending = await self._execute(turn, emitter)
-        except Exception as exc:
-            log.error("turn.crashed", turn_id=job.turn_id, exc_info=exc)
-            ending = Ending.failed(
-                "internal_error", "The server failed to run this turn."
-            )
-        finally:
-            del self._running[job.turn_id]
-            self._slots.release()
-            with anyio.CancelScope(shield=True) as cleanup:
-                cleanup.deadline = anyio.current_time() + _SETTLE_S
-                await self._settle(turn, emitter, ending)
-            self._turn_ended.set()
-            self._turn_ended = anyio.Event()
-            log.info(
-                "turn.finished",
-                turn_id=job.turn_id,
-                bundle_id=job.bundle_id,
-                outcome=ending.state.value if ending else "skipped",
-                reason=turn.reason,
-                duration_ms=round((anyio.current_time() - started_at) * 1000, 1),
-            )
+        # The lease is kept from claim to ack: a turn that waits on the store
+        # longer than a lease must not be handed to someone else meanwhile.
+        async with anyio.create_task_group() as keeper:
+            keeper.start_soon(self._keep_lease, turn)
+            try:
+                ending = await self._execute(turn, emitter)
+            except Exception as exc:
+                log.error("turn.crashed", turn_id=job.turn_id, exc_info=exc)
+                ending = Ending.failed(
+                    "internal_error", "The server failed to run this turn."
+                )
+            finally:
+                with anyio.CancelScope(shield=True) as cleanup:
+                    cleanup.deadline = anyio.current_time() + _SETTLE_S
+                    await self._settle(turn, emitter, ending)
+                keeper.cancel_scope.cancel()
+                self._forget(turn)
+                log.info(
+                    "turn.finished",
+                    turn_id=job.turn_id,
+                    bundle_id=job.bundle_id,
+                    outcome=ending.state.value if ending else "skipped",
+                    reason=turn.reason,
+                    duration_ms=round((anyio.current_time() - started_at) * 1000, 1),
+                )
+
+    def _forget(self, turn: _RunningTurn) -> None:
+        turn_id = turn.claim.job.turn_id
+        if self._running.get(turn_id) is turn:
+            del self._running[turn_id]
+        self._slots.release()
+        self._turn_ended.set()
+        self._turn_ended = anyio.Event()
 
     async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending | None:
         """Run the turn; None means it had already ended elsewhere."""
@@ -213,6 +224,8 @@ class Processor:
                 "bundle_error", f"Bundle {job.bundle_id!r} is not loaded."
             )
 
+        if turn.reason is not None:
+            return Ending.stopped(turn.reason)
         ending = await self._run_bundle(turn, bundle, emitter)
         if turn.reason is not None:
             return Ending.stopped(turn.reason)
@@ -243,7 +256,6 @@ class Processor:
             turn.scope.deadline = anyio.current_time() + self._options.wall_timeout_s
             async with anyio.create_task_group() as guards:
                 guards.start_soon(self._watch_idle, turn, emitter)
-                guards.start_soon(self._keep_lease, turn)
                 try:
                     answer = await bundle.run(context)
                     ending = Ending.completed(answer or "")

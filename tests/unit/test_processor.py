@@ -1,0 +1,199 @@
+"""The processor's timing rules, on Trio's autojump clock (no real waiting)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import trio
+
+from kdcube.bundles import BundleSpec, LoadedBundle
+from kdcube.bus import TurnJob
+from kdcube.bus.memory import MemoryBus, open_memory_bus
+from kdcube.proc import Processor, ProcessorOptions
+from kdcube.sdk import TurnContext
+from kdcube.store import NewTurn
+from kdcube.store.sqlite import SqliteStore, open_sqlite_store
+from kdcube.wire.events import now_ms
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    # The clock jumps only after 50 ms of real idleness: the store's worker
+    # threads finish well within that, so a jump never lands while a thread
+    # is busy (which would expire the short cleanup deadline around it).
+    return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0.05)}
+
+
+Run = Callable[[TurnContext], Awaitable[str | None]]
+
+
+@dataclass
+class Rig:
+    bus: MemoryBus
+    store: SqliteStore
+    processor: Processor
+
+    async def submit(self, turn_id: str, conversation_id: str = "c1") -> None:
+        await self.store.submit_turn(
+            NewTurn("u1", conversation_id, True, "b", turn_id, "r", "regular", "hi")
+        )
+        job = TurnJob(
+            turn_id,
+            conversation_id,
+            "s1",
+            None,
+            "r",
+            "t",
+            "p",
+            "u1",
+            "registered",
+            "b",
+            "hi",
+            "regular",
+            now_ms(),
+        )
+        await self.bus.queue.enqueue(job)
+
+    async def ending(self, turn_id: str) -> dict[str, object]:
+        """The turn's terminal event, waited for on the relay."""
+        cursor = "0-0"
+        while True:
+            read = await self.bus.relay.read(
+                "s1", cursor, stream_id="x", timeout_s=3600
+            )
+            cursor = read.cursor
+            for event in read.events:
+                body = json.loads(event.data_json)
+                if event.route in ("chat_complete", "chat_error") and (
+                    body["conversation"]["turn_id"] == turn_id
+                ):
+                    data: dict[str, object] = body["data"]
+                    return data
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, run: Run, **options: float) -> AsyncIterator[Rig]:
+    spec = BundleSpec(id="b", path=tmp_path, module="entrypoint")
+    bundles = {"b": LoadedBundle(spec, run, "test")}
+    async with (
+        # Retention far beyond the longest simulated turn: the autojump clock
+        # flies through hours, and the sweeper must not drop what the test reads.
+        open_memory_bus(retention_s=1e9) as bus,
+        open_sqlite_store(tmp_path / "db.sqlite3") as store,
+        anyio.create_task_group() as tasks,
+    ):
+        # Few timers besides the ones under test, so that few jumps are needed.
+        settings = {"heartbeat_s": 1e6, "lease_s": 1e5, **options}
+        processor = Processor(bus, store, bundles, ProcessorOptions(**settings))  # type: ignore[arg-type]
+        await tasks.start(processor.serve)
+        yield Rig(bus, store, processor)
+        processor.begin_drain()
+
+
+class Timed:
+    """Wraps a bundle and notes, on the event loop's clock, how long it ran.
+
+    The test's own clock readings would include the autojumps that happen
+    while the store works in a thread; the bundle's are exact.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self.started = anyio.Event()
+        self.ended_at: float | None = None
+        self.ran_for: float | None = None
+
+    async def __call__(self, ctx: TurnContext) -> str | None:
+        start = trio.current_time()
+        self.started.set()
+        try:
+            return await self._run(ctx)
+        finally:
+            self.ended_at = trio.current_time()
+            self.ran_for = self.ended_at - start
+
+
+async def _quiet(ctx: TurnContext) -> str:
+    await anyio.sleep_forever()
+    return "never"
+
+
+async def _chatty_forever(ctx: TurnContext) -> str:
+    while True:
+        await ctx.delta(".")
+        await anyio.sleep(500)
+
+
+async def _slow_answer(ctx: TurnContext) -> str:
+    for _ in range(10):
+        await anyio.sleep(0.2)
+        await ctx.delta(".")
+    return "done after ten leases"
+
+
+async def test_idle_watchdog_stops_a_quiet_bundle(tmp_path: Path) -> None:
+    bundle = Timed(_quiet)
+    async with rig(tmp_path, bundle, idle_timeout_s=600) as r:
+        await r.submit("t1")
+        ending = await r.ending("t1")
+
+    assert (ending["error_type"], ending["reason"]) == ("timeout", "idle")
+    assert bundle.ran_for is not None and 600 <= bundle.ran_for < 601
+
+
+async def test_wall_time_stops_a_bundle_that_keeps_talking(tmp_path: Path) -> None:
+    bundle = Timed(_chatty_forever)
+    async with rig(tmp_path, bundle, idle_timeout_s=600, wall_timeout_s=2400) as r:
+        await r.submit("t1")
+        ending = await r.ending("t1")
+
+    assert (ending["error_type"], ending["reason"]) == ("timeout", "wall")
+    assert bundle.ran_for is not None and 2400 <= bundle.ran_for < 2401
+
+
+async def test_the_lease_is_renewed_while_a_turn_runs_long(tmp_path: Path) -> None:
+    async with rig(tmp_path, _slow_answer, lease_s=0.2) as r:
+        await r.submit("t1")
+        ending = await r.ending("t1")
+        stats = await r.bus.queue.stats()
+        detail = await r.store.conversation("u1", "c1")
+
+    assert ending["final_answer"] == "done after ten leases"
+    assert stats.inflight == 0 and stats.ready == 0
+    assert [t.state.value for t in detail.turns] == ["completed"]
+
+
+async def test_drain_deadline_interrupts_what_is_still_running(tmp_path: Path) -> None:
+    bundle = Timed(_quiet)
+    async with rig(tmp_path, bundle, drain_timeout_s=30) as r:
+        await r.submit("t1")
+        await bundle.started.wait()
+        begun = trio.current_time()
+        r.processor.begin_drain()
+        ending = await r.ending("t1")
+
+    assert (ending["error_type"], ending["reason"]) == (
+        "turn_interrupted",
+        "server_shutdown",
+    )
+    assert bundle.ended_at is not None and 30 <= bundle.ended_at - begun < 31
+
+
+async def test_concurrency_is_bounded(tmp_path: Path) -> None:
+    async with rig(tmp_path, _quiet, concurrency=3) as r:
+        for n in range(5):
+            await r.submit(f"t{n}", conversation_id=f"c{n}")
+        await trio.testing.wait_all_tasks_blocked()
+        running = r.processor.in_flight
+        waiting = (await r.bus.queue.stats()).ready
+
+    assert (running, waiting) == (3, 2)
