@@ -187,8 +187,11 @@ def http_get(url: str, timeout: float = 2.0) -> int:
 class Server:
     """`kdcube run` in a temp dir of its own, so its data never lands in the repo."""
 
-    def __init__(self, command: list[str], chunks: int, delay_s: float) -> None:
+    def __init__(
+        self, command: list[str], chunks: int, delay_s: float, env: dict[str, str]
+    ) -> None:
         self._command, self._chunks, self._delay_s = command, chunks, delay_s
+        self._env = env
         self._dir = Path(tempfile.mkdtemp(prefix="kdcube-bench-"))
         self.log_path = self._dir / "server.log"
         self.port = free_port()
@@ -203,7 +206,7 @@ class Server:
     def start(self, timeout: float) -> None:
         bundles = self._dir / "bundles.yaml"
         bundles.write_text(bundles_yaml(self._chunks, self._delay_s))
-        env = dict(os.environ, KDCUBE_HOME=str(self._dir / "home"))
+        env = {**os.environ, "KDCUBE_HOME": str(self._dir / "home"), **self._env}
         args = [
             *self._command,
             *("run", "--host", "127.0.0.1", "--port", str(self.port)),
@@ -303,7 +306,9 @@ def run_loadgen(args: list[str], server_pid: int | None, timeout: float) -> Load
             raise RuntimeError(f"loadgen exited with {code}: {shlex.join(cmd)}")
 
         result = json.loads(Path(out.name).read_text())
-    return LoadgenRun(result, samples, getattr(peak, "peak_kb", 0))
+    # The phase samples count too: the sampler thread may miss a short peak.
+    peak_kb = max([getattr(peak, "peak_kb", 0), *(x.rss_kb for x in samples.values())])
+    return LoadgenRun(result, samples, peak_kb)
 
 
 class _nothing:
@@ -531,6 +536,12 @@ def idle_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def echo_label(opts: argparse.Namespace, chunks: int, delay_s: float) -> str:
+    if opts.url:
+        return "echo as configured on the server at --url"
+    return f"echo {chunks} chunks, {delay_s * 1000:.0f} ms apart"
+
+
 def print_tables(report: dict[str, Any], opts: argparse.Namespace) -> None:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     failures = []
@@ -542,7 +553,7 @@ def print_tables(report: dict[str, Any], opts: argparse.Namespace) -> None:
 
     if "turns" in by_kind:
         print_table(
-            f"Turns: echo {opts.turn_chunks} chunks, delay {opts.turn_delay} s; "
+            f"Turns: {echo_label(opts, opts.turn_chunks, opts.turn_delay)}; "
             f"{opts.turn_duration} s per row; latencies in ms (p50 / p95)",
             [
                 "C",
@@ -560,8 +571,8 @@ def print_tables(report: dict[str, Any], opts: argparse.Namespace) -> None:
 
     if "streams" in by_kind:
         print_table(
-            f"Streams: one turn each at once, echo {opts.stream_chunks} chunks "
-            f"{opts.stream_delay * 1000:.0f} ms apart; ms",
+            "Streams: one turn each at once, "
+            f"{echo_label(opts, opts.stream_chunks, opts.stream_delay)}; ms",
             [
                 "N",
                 "done",
@@ -672,7 +683,8 @@ def run_group(group: Group, opts: argparse.Namespace) -> list[dict[str, Any]]:
     if opts.url:
         return _run_counts(group, opts, opts.url, opts.server_pid)
 
-    server = Server(shlex.split(opts.kdcube), group.chunks, group.delay_s)
+    env = dict(opts.server_env)
+    server = Server(shlex.split(opts.kdcube), group.chunks, group.delay_s, env)
     idle_sample = None
     try:
         server.start(opts.start_timeout)
@@ -722,6 +734,13 @@ def write_report(report: dict[str, Any], results_dir: Path) -> Path:
     return path
 
 
+def env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"want KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -766,8 +785,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--connect-concurrency",
         type=int,
-        default=128,
-        help="streams/idle: connections the client opens at once",
+        default=64,
+        help="streams/idle: connections the client opens at once; keep it under "
+        "the server's listen backlog (Hypercorn's default is 100)",
+    )
+    p.add_argument(
+        "--server-env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the server, e.g. KDCUBE_PROC_CONCURRENCY=1000",
     )
     p.add_argument("--start-timeout", type=float, default=90.0)
     p.add_argument(
