@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from kdcube.storage.keys import InvalidKey
-from kdcube.storage.ports import ObjectInfo, ObjectNotFound, Storage
+from kdcube.storage.ports import ObjectInfo, ObjectNotFound, Storage, StorageError
 
 from .conftest import StorageBackend
 
@@ -259,3 +259,20 @@ async def test_a_cancelled_put_leaves_nothing(storage_backend: StorageBackend) -
     assert scope.cancelled_caught
     assert storage_backend.raw_files() == []
     assert await storage.list("") == []
+
+
+async def test_a_key_below_an_existing_object_is_a_storage_error(
+    storage_backend: StorageBackend,
+) -> None:
+    storage = storage_backend.storage
+    await storage.put("a", b"file")
+
+    # Local folders cannot also be files; S3 allows both, so either outcome
+    # is fine as long as the old object survives and the error is ours.
+    try:
+        await storage.put("a/b", b"below")
+    except StorageError:
+        pass
+
+    assert await read_all(storage, "a") == b"file"
+    assert [info.key for info in await storage.list("a")][0] == "a"

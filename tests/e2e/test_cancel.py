@@ -103,3 +103,36 @@ async def test_steer_replaces_the_running_turn(tmp_path: Path) -> None:
     assert steer["status"] == "steer_accepted"
     assert stopped[-2].data["data"]["error_type"] == "cancelled"
     assert answered[-2].data["data"]["final_answer"] == "answer this instead"
+
+
+async def test_a_turn_waiting_for_a_processor_is_announced_and_can_be_dropped(
+    tmp_path: Path,
+) -> None:
+    async with (
+        serve(tmp_path, proc_concurrency=1) as server,
+        open_stream(server.client, "alice") as alice,
+        open_stream(server.client, "bob") as bob,
+    ):
+        busy = await submit(
+            server.client, "alice", "hold the only slot", bundle_id="sleeper"
+        )
+        await alice.until("chat_delta", busy["turn_id"])
+        waiting = await submit(server.client, "bob", "my turn?")
+        announced = await bob.next()
+        await server.client.post(
+            "/sse/cancel",
+            json={"conversation_id": waiting["conversation_id"]},
+            headers=auth("bob"),
+        )
+        rest = await bob.turn(waiting["turn_id"])
+        await server.client.post(
+            "/sse/cancel",
+            json={"conversation_id": busy["conversation_id"]},
+            headers=auth("alice"),
+        )
+
+    assert waiting["status"] == "processing_started"
+    assert announced.route == "conv_status" and announced.turn_id == waiting["turn_id"]
+    assert announced.data["data"]["state"] == "in_progress"
+    assert [e.route for e in rest] == ["chat_error", "conv_status"]
+    assert rest[1].data["data"]["state"] == "idle"

@@ -57,6 +57,8 @@ class TurnJob:
     prompt: str
     message_kind: str
     enqueued_at_ms: int
+    announced: bool = False
+    """Whether the ingress already published the turn's ``in_progress`` status."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,10 +113,12 @@ class Queue(Protocol):
         waiting turns."""
 
     async def claim(self, consumer: str, *, lease_s: float) -> Claim:
-        """Wait for and take the oldest turn whose conversation has none claimed.
+        """Wait for and take a turn whose conversation has none claimed.
 
         Turns of one conversation come out in enqueue order and never two at
-        once. Cancelling the wait takes nothing.
+        once. Conversations take turns: one whose turn was just acked waits
+        behind those already waiting, so a long follow-up chain cannot starve
+        other users. Cancelling the wait takes nothing.
         """
 
     async def renew(self, claim: Claim, *, lease_s: float) -> None:

@@ -9,6 +9,7 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from kdcube.bus import CancelOutcome, TurnJob, parse_event_id
+from kdcube.identity import Identity
 from kdcube.ingress import requests
 from kdcube.ingress.streams import StreamHub, StreamStart
 from kdcube.proc.ending import Ending, emitter_for, end_turn
@@ -176,6 +177,9 @@ class _IngressRoutes:
             )
             await self._cancel_turns([t for t in earlier if t != new.turn_id])
 
+        if not result.busy:
+            await self._announce_in_progress(identity, session_id, stream_id, new)
+
         job = TurnJob(
             turn_id=new.turn_id,
             conversation_id=conversation_id,
@@ -190,6 +194,7 @@ class _IngressRoutes:
             prompt=prompt,
             message_kind=submission.message_kind,
             enqueued_at_ms=now_ms(),
+            announced=not result.busy,
         )
         await self.bus.queue.enqueue(job)
         return {
@@ -305,8 +310,34 @@ class _IngressRoutes:
                     emitter,
                     result.job,
                     Ending.cancelled(),
-                    final_status=False,
+                    final_status=result.job.announced,
                 )
+
+    async def _announce_in_progress(
+        self, identity: Identity, session_id: str, stream_id: str | None, new: NewTurn
+    ) -> None:
+        """Tell the client at once that an idle conversation has work again.
+
+        A turn may wait for a free processor; its stream should not stay
+        silent meanwhile. Follow-ups are announced by the processor instead,
+        after the closing status of the turn before them.
+        """
+        address = TurnAddress(
+            tenant=self.settings.tenant,
+            project=self.settings.project,
+            user_id=identity.user_id,
+            user_type=identity.user_type.value,
+            session_id=session_id,
+            conversation_id=new.conversation_id,
+            turn_id=new.turn_id,
+            request_id=new.request_id,
+        )
+        envelope = events.conv_status(
+            address, "in_progress", current_turn_id=new.turn_id
+        )
+        await self.bus.relay.publish(
+            session_id, Route.CONV_STATUS, sse.dumps(envelope), stream_id=stream_id
+        )
 
     def _check_project(self, tenant: str | None, project: str | None) -> None:
         if tenant not in (None, self.settings.tenant) or project not in (

@@ -216,7 +216,8 @@ class Processor:
 
         await self._bus.queue.mark_started(claim)
         turn.began = True
-        await emitter.status("in_progress")
+        if not job.announced:
+            await emitter.status("in_progress")
         await emitter.start(job.bundle_id)
         bundle = self._bundles.get(job.bundle_id)
         if bundle is None:
@@ -319,4 +320,6 @@ class Processor:
             for job in await self._bus.queue.take_waiting():
                 emitter = emitter_for(self._bus.relay, job)
                 ending = Ending.interrupted("server_shutdown")
-                await end_turn(self._store, emitter, job, ending, final_status=False)
+                await end_turn(
+                    self._store, emitter, job, ending, final_status=job.announced
+                )

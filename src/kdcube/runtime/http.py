@@ -20,6 +20,9 @@ def hypercorn_config(host: str, port: int) -> Config:
     config.errorlog = None
     config.graceful_timeout = _GRACEFUL_S
     config.keep_alive_timeout = 75
+    # Browsers open streams in bursts (a page reload reconnects them all);
+    # Hypercorn's default backlog of 100 overflows under such a burst.
+    config.backlog = 2048
     return config
 
 

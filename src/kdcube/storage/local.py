@@ -5,40 +5,52 @@ from __future__ import annotations
 import builtins
 import os
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 
 from kdcube.storage.keys import check_key
-from kdcube.storage.ports import ObjectInfo, ObjectNotFound
+from kdcube.storage.ports import ObjectInfo, ObjectNotFound, StorageError
 
 _CHUNK = 256 * 1024
-# Temp files share the key space: an object whose name starts with this is
-# hidden from list and so survives delete_prefix.
-_PARTIAL = ".partial-"
 
 
 class LocalStorage:
+    """Objects are files under ``root``.
+
+    Writes go to a sibling folder ``<root>.partial`` first and are renamed
+    into place, so a reader never sees half an object and no key name is
+    reserved for temp files. Being a sibling keeps it on the same file system,
+    where a rename is atomic.
+    """
+
     def __init__(self, root: Path) -> None:
         self._root = root.resolve()
+        self._partial = self._root.with_name(f"{self._root.name}.partial")
 
     def _path(self, key: str, *, prefix: bool = False) -> Path:
         return self._root / check_key(key, prefix=prefix)
 
     async def put(self, key: str, body: bytes | AsyncIterable[bytes]) -> ObjectInfo:
         target = self._path(key)
-        await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
-        temp = anyio.Path(target.parent / f"{_PARTIAL}{uuid.uuid4().hex}")
+        temp = anyio.Path(self._partial / uuid.uuid4().hex)
         size = 0
         try:
-            async with await anyio.open_file(temp, "wb") as out:
+            with _file_system_errors(key):
+                await anyio.Path(self._partial).mkdir(parents=True, exist_ok=True)
+                out = await anyio.open_file(temp, "wb")
+            async with out:
                 chunks = [body] if isinstance(body, bytes) else body
                 async for chunk in _as_async(chunks):
-                    await out.write(chunk)
+                    with _file_system_errors(key):
+                        await out.write(chunk)
                     size += len(chunk)
-            await temp.rename(target)
+            with _file_system_errors(key):
+                await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
+                await temp.rename(target)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await temp.unlink(missing_ok=True)
@@ -101,13 +113,20 @@ class LocalStorage:
         found = []
         for dirpath, _dirs, files in os.walk(folder):
             for name in files:
-                if name.startswith(_PARTIAL):
-                    continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self._root).as_posix()
                 if key.startswith(prefix):
                     found.append(ObjectInfo(key, path.stat().st_size))
         return sorted(found, key=lambda info: info.key)
+
+
+@contextmanager
+def _file_system_errors(key: str) -> Iterator[None]:
+    """Our file system's errors become StorageError; the body's pass as they are."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"cannot write {key!r}: {exc.strerror or exc}") from exc
 
 
 async def _as_async(
