@@ -9,19 +9,22 @@ import structlog
 
 
 def configure_logging(level: str = "INFO") -> None:
-    renderer: structlog.typing.Processor
+    # The console renderer formats tracebacks itself; JSON needs them as text.
+    rendering: list[structlog.typing.Processor]
     if sys.stderr.isatty():
-        renderer = structlog.dev.ConsoleRenderer()
+        rendering = [structlog.dev.ConsoleRenderer()]
     else:
-        renderer = structlog.processors.JSONRenderer()
+        rendering = [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ]
 
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

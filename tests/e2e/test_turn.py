@@ -35,6 +35,7 @@ async def test_turn_events_arrive_in_order_with_the_envelope(tmp_path: Path) -> 
     assert "".join(d["text"] for d in deltas) == "hello brave new world"
     assert events[-2].data["data"]["final_answer"] == "hello brave new world"
 
+    assert len({e.data["service"]["request_id"] for e in events}) == 1
     envelope = events[2].data
     assert envelope["type"] == "chat.delta"
     assert envelope["service"]["user"] == "alice"

@@ -178,7 +178,18 @@ class _IngressRoutes:
             await self._cancel_turns([t for t in earlier if t != new.turn_id])
 
         if not result.busy:
-            await self._announce_in_progress(identity, session_id, stream_id, new)
+            # A turn may wait for a free processor: say at once that the
+            # conversation has work again. A follow-up is announced by the
+            # processor, after the closing status of the turn before it.
+            await self._publish_status(
+                identity,
+                session_id,
+                stream_id,
+                conversation_id=conversation_id,
+                turn_id=new.turn_id,
+                state="in_progress",
+                request_id=new.request_id,
+            )
 
         job = TurnJob(
             turn_id=new.turn_id,
@@ -245,24 +256,14 @@ class _IngressRoutes:
             identity.session_key, ttl_s=self.settings.session_ttl_s
         )
         updated_at = events.iso(summary.updated_at)
-        address = TurnAddress(
-            tenant=self.settings.tenant,
-            project=self.settings.project,
-            user_id=identity.user_id,
-            user_type=identity.user_type.value,
-            session_id=session_id,
+        await self._publish_status(
+            identity,
+            session_id,
+            stream_id,
             conversation_id=conversation_id,
-            turn_id=summary.current_turn_id or "",
-            request_id=new_id(),
-        )
-        envelope = events.conv_status(
-            address,
-            summary.state,
-            current_turn_id=summary.current_turn_id,
+            turn_id=summary.current_turn_id,
+            state=summary.state,
             updated_at=updated_at,
-        )
-        await self.bus.relay.publish(
-            session_id, Route.CONV_STATUS, sse.dumps(envelope), stream_id=stream_id
         )
         return {
             "conversation_id": conversation_id,
@@ -313,27 +314,30 @@ class _IngressRoutes:
                     final_status=result.job.announced,
                 )
 
-    async def _announce_in_progress(
-        self, identity: Identity, session_id: str, stream_id: str | None, new: NewTurn
+    async def _publish_status(
+        self,
+        identity: Identity,
+        session_id: str,
+        stream_id: str | None,
+        *,
+        conversation_id: str,
+        turn_id: str | None,
+        state: str,
+        updated_at: str | None = None,
+        request_id: str | None = None,
     ) -> None:
-        """Tell the client at once that an idle conversation has work again.
-
-        A turn may wait for a free processor; its stream should not stay
-        silent meanwhile. Follow-ups are announced by the processor instead,
-        after the closing status of the turn before them.
-        """
         address = TurnAddress(
             tenant=self.settings.tenant,
             project=self.settings.project,
             user_id=identity.user_id,
             user_type=identity.user_type.value,
             session_id=session_id,
-            conversation_id=new.conversation_id,
-            turn_id=new.turn_id,
-            request_id=new.request_id,
+            conversation_id=conversation_id,
+            turn_id=turn_id or "",
+            request_id=request_id or new_id(),
         )
         envelope = events.conv_status(
-            address, "in_progress", current_turn_id=new.turn_id
+            address, state, current_turn_id=turn_id, updated_at=updated_at
         )
         await self.bus.relay.publish(
             session_id, Route.CONV_STATUS, sse.dumps(envelope), stream_id=stream_id

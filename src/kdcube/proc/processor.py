@@ -119,7 +119,10 @@ class Processor:
             except BaseException:
                 self._slots.release()
                 raise
-            turns.start_soon(self._run_turn, claim)
+            # Registered before the task starts, so a drain that begins right
+            # now still sees this turn as running and applies its deadline.
+            turn = self._running[claim.job.turn_id] = _RunningTurn(claim)
+            turns.start_soon(self._run_turn, turn)
 
     async def _claim(self) -> Claim:
         while True:
@@ -162,10 +165,8 @@ class Processor:
                 log.warning("proc.heartbeat_failed", error=str(exc))
             await anyio.sleep(self._options.heartbeat_s)
 
-    async def _run_turn(self, claim: Claim) -> None:
-        job = claim.job
-        turn = _RunningTurn(claim)
-        self._running[job.turn_id] = turn
+    async def _run_turn(self, turn: _RunningTurn) -> None:
+        job = turn.claim.job
         emitter = emitter_for(self._bus.relay, job)
         started_at = anyio.current_time()
         ending: Ending | None = Ending.interrupted("server_shutdown")
