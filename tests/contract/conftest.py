@@ -11,6 +11,7 @@ keep those durations to a fraction of a second.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -29,23 +30,56 @@ from kdcube.storage.ports import Storage
 from kdcube.store.ports import Store
 from kdcube.store.sqlite import connect, open_sqlite_store
 
+from .postgres_backend import fresh_schema
+from .redis_backend import (
+    expire_every_event,
+    open_redis_relay,
+    redis_bus,
+    wants_real_clock,
+)
+
 
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    if request.param == "trio" and (
+        _on_asyncio_driver(request) or wants_real_clock(request)
+    ):
+        return "trio", {}
     if request.param == "trio":
         return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}
-    return "asyncio", {}
+    # Explicit: once trio-asyncio is imported, asyncio's default loop is its own.
+    return "asyncio", {"loop_factory": asyncio.SelectorEventLoop}
 
 
-# Queue and State: add "redis" here, with a branch that opens it.
-@pytest.fixture(params=["memory"])
+def _on_asyncio_driver(request: pytest.FixtureRequest) -> bool:
+    """Whether the test uses an asyncio driver behind trio-asyncio (Postgres).
+
+    Those tests need Trio's real clock: trio-asyncio runs asyncio's timers on
+    it, so an autojump clock would fire asyncpg's connect timeout while the
+    server is still answering.
+    """
+    params = getattr(request.node, "callspec", None)
+    return params is not None and params.params.get("store_backend") == "postgres"
+
+
+@pytest.fixture(params=["memory", "redis"])
 async def queue(request: pytest.FixtureRequest) -> AsyncIterator[Queue]:
+    if request.param == "redis":
+        async with redis_bus() as bus:
+            yield bus.queue
+        return
+
     async with open_memory_bus() as bus:
         yield bus.queue
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis"])
 async def state(request: pytest.FixtureRequest) -> AsyncIterator[State]:
+    if request.param == "redis":
+        async with redis_bus() as bus:
+            yield bus.state
+        return
+
     async with open_memory_bus() as bus:
         yield bus.state
 
@@ -72,9 +106,10 @@ async def _open_memory_relay(max_events: int) -> AsyncIterator[Relay]:
         yield bus.relay
 
 
-# Relay: add "redis" here, with a RelayBackend that opens and expires it.
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis"])
 def relay_backend(request: pytest.FixtureRequest) -> RelayBackend:
+    if request.param == "redis":
+        return RelayBackend(open=open_redis_relay, expire=expire_every_event)
     return RelayBackend(open=_open_memory_relay, expire=_expire_memory)
 
 
@@ -107,10 +142,18 @@ def _sqlite_backend(path: Path) -> StoreBackend:
     )
 
 
-# Store: add "postgres" here, with a StoreBackend on a fresh database.
-@pytest.fixture(params=["sqlite"])
-def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
-    return _sqlite_backend(tmp_path / "store" / "kdcube.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[StoreBackend]:
+    if request.param == "postgres":
+        with fresh_schema() as schema:
+            yield StoreBackend(
+                open=schema.open, applied_migrations=schema.applied_migrations
+            )
+        return
+
+    yield _sqlite_backend(tmp_path / "store" / "kdcube.db")
 
 
 @pytest.fixture

@@ -15,6 +15,10 @@ class StoreError(Exception):
     """Base of every error the store raises."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached; retry later."""
+
+
 class ConversationNotFound(StoreError):
     """No conversation with that id belongs to the user."""
 
@@ -163,5 +167,8 @@ class Store(Protocol):
 
     async def interrupt_unfinished(self) -> int:
         """Mark every queued or running turn interrupted (start-up recovery)."""
+
+    async def ping(self) -> None:
+        """Return when the database answers; raise StoreUnavailable if not."""
 
     async def aclose(self) -> None: ...

@@ -106,6 +106,9 @@ class SqliteStore:
     async def interrupt_unfinished(self) -> int:
         return await self._run(self._interrupt_unfinished)
 
+    async def ping(self) -> None:
+        await self._run(self._db.execute, "SELECT 1")
+
     async def aclose(self) -> None:
         await self._run(self._db.close)
 
