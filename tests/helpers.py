@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import httpx
 import yaml
 
@@ -50,23 +54,86 @@ class Server:
         return self.running.urls[0]
 
 
+def backend() -> str:
+    """The matrix cell: ``embedded`` (default) or ``redis-postgres``."""
+    return os.environ.get("KDCUBE_TEST_BACKEND", "embedded")
+
+
+def backend_settings() -> dict[str, Any]:
+    """Settings that put a test on the backend of its matrix cell.
+
+    On Redis and Postgres each test gets a project of its own: its keys carry
+    that project and its tables live in that project's schema, so tests never
+    see each other's data, and ``clean_backend`` removes both afterwards.
+    """
+    if backend() == "embedded":
+        return {}
+    return {
+        "redis_url": os.environ.get(
+            "KDCUBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
+        ),
+        "postgres_dsn": os.environ.get(
+            "KDCUBE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+        "project": f"t{uuid.uuid4().hex[:12]}",
+    }
+
+
+async def clean_backend(settings: Settings) -> None:
+    if not settings.distributed:
+        return
+    import coredis
+
+    from kdcube.runtime.platform import project_schema
+
+    assert settings.redis_url is not None and settings.postgres_dsn is not None
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(settings.redis_url)
+    async with client:
+        keys = [key async for key in client.scan_iter(match=f"*{settings.project}*")]
+        if keys:
+            await client.delete(keys)
+
+    dsn, schema = settings.postgres_dsn, project_schema(settings)
+    await anyio.to_thread.run_sync(_drop_schema, dsn, schema)
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    # psql, so the cleanup needs no event loop bridge of its own.
+    subprocess.run(
+        ["psql", dsn, "-q", "-c", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'],
+        check=True,
+        capture_output=True,
+    )
+
+
 @asynccontextmanager
 async def serve(tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
     """Run every role in this event loop; drain it when the block ends."""
     settings = Settings(
         home=tmp_path / "home",
         bundles=write_bundles(tmp_path),
-        **{"sse_keepalive_s": 5.0, "drain_timeout_s": 5.0, **overrides},
+        **{
+            "sse_keepalive_s": 5.0,
+            "drain_timeout_s": 5.0,
+            **backend_settings(),
+            **overrides,
+        },
     )
     supervisor = Supervisor(
         settings, {Role.INGRESS, Role.PROC}, host="127.0.0.1", port=0
     )
-    async with anyio.create_task_group() as tasks:
-        running: Running = await tasks.start(supervisor.run)
-        async with httpx.AsyncClient(base_url=running.urls[0], timeout=10) as client:
-            yield Server(running, supervisor, client)
-        if not supervisor.stopping:
-            supervisor.request_stop()
+    try:
+        async with anyio.create_task_group() as tasks:
+            running: Running = await tasks.start(supervisor.run)
+            async with httpx.AsyncClient(
+                base_url=running.urls[0], timeout=10
+            ) as client:
+                yield Server(running, supervisor, client)
+            if not supervisor.stopping:
+                supervisor.request_stop()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await clean_backend(settings)
 
 
 def prompt_body(text: str, **fields: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ type options struct {
 	connectConcurrency int
 	maxRuntime         time.Duration
 	streamPrefix       string
+	userPrefix         string
 }
 
 func parseOptions(args []string) (options, error) {
@@ -65,6 +66,7 @@ func parseOptions(args []string) (options, error) {
 	fs.IntVar(&o.connectConcurrency, "connect-concurrency", 64, "streams/idle: connections being opened at once")
 	fs.DurationVar(&o.maxRuntime, "max-runtime", 10*time.Minute, "hard stop for the whole run")
 	fs.StringVar(&o.streamPrefix, "stream-prefix", "", "stream_id prefix (default: lg<pid>)")
+	fs.StringVar(&o.userPrefix, "user-prefix", "u", "turns: user ids are this plus 0..C-1 (bearer dev-<id>)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -105,7 +107,7 @@ func run(ctx context.Context, o options) (any, error) {
 			warmupTurns: o.warmupTurns, turnTimeout: o.turnTimeout,
 			readyTimeout: o.readyTimeout, bundle: o.bundle, promptSize: o.promptSize,
 			newConversation: o.newConversation, waitIdle: o.waitIdle,
-			streamPrefix: o.streamPrefix,
+			streamPrefix: o.streamPrefix, userPrefix: o.userPrefix,
 		})
 	case "streams":
 		return runStreams(ctx, streamsConfig{

@@ -24,6 +24,7 @@ type turnsConfig struct {
 	newConversation bool // omit conversation_id on every turn
 	waitIdle        bool // also wait for conv_status after the terminal event
 	streamPrefix    string
+	userPrefix      string // user ids are userPrefix + index; "" means "u"
 }
 
 type turnsResult struct {
@@ -70,9 +71,13 @@ func runTurns(ctx context.Context, cfg turnsConfig) (turnsResult, error) {
 
 	client := newHTTPClient(2*cfg.users + 16)
 	tally := newErrorTally()
+	prefix := cfg.userPrefix
+	if prefix == "" {
+		prefix = "u"
+	}
 	users := make([]*user, cfg.users)
 	for i := range users {
-		users[i] = &user{cfg: &cfg, client: client, name: fmt.Sprintf("u%d", i), errors: tally}
+		users[i] = &user{cfg: &cfg, client: client, name: fmt.Sprintf("%s%d", prefix, i), errors: tally}
 	}
 
 	started := warmUp(ctx, users)

@@ -10,6 +10,9 @@ import anyio
 
 from kdcube.sdk import TurnContext
 
+# Echoing again after a processor crash repeats no side effect.
+RERUN_SAFE = True
+
 
 async def run(ctx: TurnContext) -> str:
     chunks = max(1, int(ctx.config.get("chunks", 4)))

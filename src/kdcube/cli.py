@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -57,11 +58,34 @@ def serve(role: str, host: str, port: int | None) -> None:
         )
     if settings.auth is None:
         _fail(
-            "set KDCUBE_AUTH (dev identity is never a silent default outside kdcube run)"
+            "invalid KDCUBE_AUTH: set it (dev identity is never a silent default"
+            " outside kdcube run)"
+        )
+    if settings.auth == "dev":
+        click.echo(
+            "kdcube: warning: KDCUBE_AUTH=dev lets anyone claim any user id", err=True
         )
     _start(
         settings, {Role(role)}, host, port if port is not None else _DEFAULT_PORTS[role]
     )
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the Postgres migrations of KDCUBE_POSTGRES_DSN, then exit."""
+    settings = _settings()
+    if settings.postgres_dsn is None:
+        _fail("invalid KDCUBE_POSTGRES_DSN: set it to the database to migrate")
+
+    from kdcube.runtime.platform import project_schema
+    from kdcube.store.postgres import migrate as migrate_postgres
+
+    dsn = settings.postgres_dsn
+    applied = anyio.run(
+        partial(migrate_postgres, dsn, project_schema(settings)),
+        backend=settings.async_backend,
+    )
+    click.echo(f"kdcube: applied migrations {applied or 'none (up to date)'}")
 
 
 def _settings(**overrides: object) -> Settings:

@@ -8,7 +8,10 @@ A bundle is a Python package whose entry module defines::
 
 The processor calls ``run`` once per turn inside the turn's cancel scope. The
 returned string is the final answer (``chat_complete``); an exception becomes
-``chat_error`` of type ``bundle_error`` with a safe message. A cancelled turn
+``chat_error`` of type ``bundle_error`` with a safe message. A module that
+sets ``RERUN_SAFE = True`` is run once more when the processor running one of
+its turns dies mid-turn (otherwise that turn ends as ``turn_interrupted``).
+A cancelled turn
 (user cancel, watchdog, shutdown) reaches the bundle as ordinary cancellation,
 so ``finally`` blocks and ``async with`` exits run as usual.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,10 @@ async def test_anonymous_callers_are_told_apart_by_fingerprint(tmp_path: Path) -
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+# Explicit loop: once trio-asyncio is imported, asyncio's default loop is its own.
+@pytest.mark.parametrize(
+    "anyio_backend", [("asyncio", {"loop_factory": asyncio.SelectorEventLoop})]
+)
 async def test_a_turn_also_runs_on_asyncio(tmp_path: Path) -> None:
     async with serve(tmp_path) as server, open_stream(server.client, "alice") as stream:
         ack = await submit(server.client, "alice", "on asyncio")

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ class Rig:
         )
         await self.bus.queue.enqueue(job)
 
+    async def routes(self, turn_id: str) -> list[str]:
+        """Routes of the turn's events published so far, in order."""
+        read = await self.bus.relay.read("s1", "0-0", stream_id="x", timeout_s=0)
+        return [
+            e.route
+            for e in read.events
+            if json.loads(e.data_json)["conversation"]["turn_id"] == turn_id
+        ]
+
     async def ending(self, turn_id: str) -> dict[str, object]:
         """The turn's terminal event, waited for on the relay."""
         cursor = "0-0"
@@ -81,9 +91,16 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path, run: Run, **options: float) -> AsyncIterator[Rig]:
+async def rig(
+    tmp_path: Path,
+    run: Run,
+    *,
+    rerun_safe: bool = False,
+    before_start: Callable[[Rig], Awaitable[None]] | None = None,
+    **options: float,
+) -> AsyncIterator[Rig]:
     spec = BundleSpec(id="b", path=tmp_path, module="entrypoint")
-    bundles = {"b": LoadedBundle(spec, run, "test")}
+    bundles = {"b": LoadedBundle(spec, run, "test", rerun_safe=rerun_safe)}
     async with (
         # Retention far beyond the longest simulated turn: the autojump clock
         # flies through hours, and the sweeper must not drop what the test reads.
@@ -94,8 +111,11 @@ async def rig(tmp_path: Path, run: Run, **options: float) -> AsyncIterator[Rig]:
         # Few timers besides the ones under test, so that few jumps are needed.
         settings = {"heartbeat_s": 1e6, "lease_s": 1e5, **options}
         processor = Processor(bus, store, bundles, ProcessorOptions(**settings))  # type: ignore[arg-type]
+        prepared = Rig(bus, store, processor)
+        if before_start is not None:
+            await before_start(prepared)
         await tasks.start(processor.serve)
-        yield Rig(bus, store, processor)
+        yield prepared
         processor.begin_drain()
 
 
@@ -197,3 +217,58 @@ async def test_concurrency_is_bounded(tmp_path: Path) -> None:
         waiting = (await r.bus.queue.stats()).ready
 
     assert (running, waiting) == (3, 2)
+
+
+async def _rerun_safe_echo(ctx: TurnContext) -> str:
+    await ctx.delta(ctx.prompt)
+    return ctx.prompt
+
+
+async def _crash_while_running(r: Rig, *, turn_id: str) -> None:
+    """Play a processor that claimed and started a turn, then died."""
+    await r.submit(turn_id)
+    claim = await r.bus.queue.claim("dead-processor", lease_s=1.0)
+    await r.store.start_turn(turn_id)
+    await r.bus.queue.mark_started(claim)
+
+
+@pytest.mark.parametrize(("rerun_safe", "expected"), [(True, "hi"), (False, None)])
+async def test_a_turn_whose_processor_died_reruns_once_only_if_safe(
+    tmp_path: Path, rerun_safe: bool, expected: str | None
+) -> None:
+    async with rig(
+        tmp_path,
+        _rerun_safe_echo,
+        rerun_safe=rerun_safe,
+        before_start=partial(_crash_while_running, turn_id="t1"),
+    ) as r:
+        ending = await r.ending("t1")
+        routes = await r.routes("t1")
+
+    if expected is None:
+        assert (ending["error_type"], ending["reason"]) == (
+            "turn_interrupted",
+            "worker_lost_after_start",
+        )
+        assert "chat_service" not in routes
+    else:
+        assert ending["final_answer"] == expected
+        assert routes.count("chat_service") == 1
+    assert routes.count("chat_complete") + routes.count("chat_error") == 1
+
+
+async def test_a_second_crash_ends_the_turn_even_if_rerun_is_safe(
+    tmp_path: Path,
+) -> None:
+    async def crash_twice(r: Rig) -> None:
+        await _crash_while_running(r, turn_id="t1")
+        with anyio.fail_after(5):
+            again = await r.bus.queue.claim("second-dead-processor", lease_s=1.0)
+        await r.bus.queue.mark_started(again)
+
+    async with rig(
+        tmp_path, _rerun_safe_echo, rerun_safe=True, before_start=crash_twice
+    ) as r:
+        ending = await r.ending("t1")
+
+    assert ending["error_type"] == "turn_interrupted"

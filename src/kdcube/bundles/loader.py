@@ -32,6 +32,9 @@ class LoadedBundle:
     spec: BundleSpec
     run: BundleRun
     package: str
+    rerun_safe: bool = False
+    """The bundle's ``RERUN_SAFE``: it may run again after a processor died
+    mid-turn (it has no effects that must not happen twice)."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def load_bundle(spec: BundleSpec) -> LoadedBundle:
         raise BundleLoadError(
             f"bundle {spec.id!r}: {spec.module} must define `async def run(ctx)`"
         )
-    return LoadedBundle(spec, run, package)
+    return LoadedBundle(spec, run, package, bool(getattr(module, "RERUN_SAFE", False)))
 
 
 def _ensure_root_package() -> None:

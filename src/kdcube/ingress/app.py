@@ -8,13 +8,13 @@ import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from kdcube.bus import CancelOutcome, TurnJob, parse_event_id
+from kdcube.bus import BusUnavailable, CancelOutcome, TurnJob, parse_event_id
 from kdcube.identity import Identity
 from kdcube.ingress import requests
 from kdcube.ingress.streams import StreamHub, StreamStart
 from kdcube.proc.ending import Ending, emitter_for, end_turn
 from kdcube.runtime.platform import Platform
-from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn
+from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn, StoreUnavailable
 from kdcube.wire import events, sse
 from kdcube.wire.errors import ApiError, bad_request, draining, not_found
 from kdcube.wire.events import Route, TurnAddress, now_ms
@@ -24,6 +24,8 @@ from kdcube.wire.submission import parse_submission
 log = structlog.get_logger("kdcube.ingress")
 
 Json = dict[str, Any]
+
+_DEPENDENCY_RETRY_S = 5
 
 
 def create_ingress_app(
@@ -60,7 +62,34 @@ class _IngressRoutes:
         app.add_url_rule("/ready", view_func=self.ready, methods=["GET"])
         app.register_error_handler(ApiError, _api_error)
         app.register_error_handler(HTTPException, _http_error)
+        app.register_error_handler(BusUnavailable, self._bus_down)
+        app.register_error_handler(StoreUnavailable, self._store_down)
         app.register_error_handler(Exception, _unexpected_error)
+
+    async def _bus_down(
+        self, error: BusUnavailable
+    ) -> tuple[Json, int, dict[str, str]]:
+        return self._dependency_down(self.platform.bus_name, error)
+
+    async def _store_down(
+        self, error: StoreUnavailable
+    ) -> tuple[Json, int, dict[str, str]]:
+        return self._dependency_down(self.platform.store_name, error)
+
+    def _dependency_down(
+        self, name: str, error: Exception
+    ) -> tuple[Json, int, dict[str, str]]:
+        # Readiness says so at once; the dependency watcher clears it when
+        # the service answers again.
+        self.platform.health.down.add(name)
+        log.warning("dependency.request_failed", dependency=name, error=str(error))
+        refusal = ApiError(
+            503,
+            "dependency_unavailable",
+            f"{name} is unreachable; retry shortly.",
+            retry_after=_DEPENDENCY_RETRY_S,
+        )
+        return refusal.body(), refusal.status, refusal.headers()
 
     def register_chat(self, app: Quart) -> None:
         app.add_url_rule("/sse/stream", view_func=self.stream, methods=["GET"])

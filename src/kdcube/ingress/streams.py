@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 import structlog
 
-from kdcube.bus import Relay, RelayRead
+from kdcube.bus import BusUnavailable, Relay, RelayRead
 from kdcube.wire import sse
 from kdcube.wire.events import Route, iso, now_ms
 
@@ -24,6 +24,7 @@ log = structlog.get_logger("kdcube.ingress")
 @dataclass(eq=False, slots=True)
 class _OpenStream:
     closing: bool = False
+    relay_lost: bool = False
     read_scope: anyio.CancelScope | None = None
 
     def close(self) -> None:
@@ -71,7 +72,7 @@ class StreamHub:
             while not stream.closing:
                 read = None
                 with anyio.CancelScope() as stream.read_scope:
-                    read = await self._read(start, cursor, self.keepalive_s)
+                    read = await self._read(stream, start, cursor, self.keepalive_s)
                 stream.read_scope = None
                 if read is None:
                     break
@@ -79,7 +80,14 @@ class StreamHub:
                 sent += len(read.events)
                 yield _encode(read) or sse.KEEPALIVE
 
-            yield _encode(await self._read(start, cursor, 0))
+            if stream.relay_lost:
+                # Ending the response makes the client reconnect with its
+                # Last-Event-ID, here or on another replica, once the relay
+                # answers again: nothing is lost, only delayed.
+                return
+            last = await self._read(stream, start, cursor, 0)
+            if last is not None:
+                yield _encode(last)
             yield sse.frame_obj(
                 Route.SERVER_SHUTDOWN,
                 {
@@ -101,11 +109,18 @@ class StreamHub:
             )
 
     async def _read(
-        self, start: StreamStart, cursor: str, timeout_s: float
-    ) -> RelayRead:
-        return await self.relay.read(
-            start.session_id, cursor, stream_id=start.stream_id, timeout_s=timeout_s
-        )
+        self, stream: _OpenStream, start: StreamStart, cursor: str, timeout_s: float
+    ) -> RelayRead | None:
+        try:
+            return await self.relay.read(
+                start.session_id, cursor, stream_id=start.stream_id, timeout_s=timeout_s
+            )
+        except BusUnavailable as exc:
+            log.warning(
+                "sse.relay_unavailable", stream_id=start.stream_id, error=str(exc)
+            )
+            stream.relay_lost = stream.closing = True
+            return None
 
 
 def _encode(read: RelayRead) -> bytes:

@@ -7,10 +7,14 @@ from typing import Any
 
 import anyio
 
-from kdcube.bus import Relay
+from kdcube.bus import BusUnavailable, Relay
 from kdcube.wire import events
 from kdcube.wire.events import Route, TurnAddress
 from kdcube.wire.sse import dumps
+
+_PUBLISH_PATIENCE_S = 10.0
+_FIRST_RETRY_S = 0.05
+_MAX_RETRY_S = 1.0
 
 
 class TurnEmitter:
@@ -29,10 +33,21 @@ class TurnEmitter:
         self.last_activity = anyio.current_time()
 
     async def publish(self, route: Route, body: dict[str, Any]) -> None:
+        """Publish, riding out a short relay outage (a Redis failover or
+        restart) so that the turn's events are delayed rather than lost."""
         self.last_activity = anyio.current_time()
-        await self._relay.publish(
-            self._address.session_id, route, dumps(body), stream_id=self._stream_id
-        )
+        data = dumps(body)
+        delay = _FIRST_RETRY_S
+        with anyio.fail_after(_PUBLISH_PATIENCE_S):
+            while True:
+                try:
+                    await self._relay.publish(
+                        self._address.session_id, route, data, stream_id=self._stream_id
+                    )
+                    return
+                except BusUnavailable:
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _MAX_RETRY_S)
 
     async def status(self, state: str, *, completion: str | None = None) -> None:
         body = events.conv_status(
@@ -51,6 +66,11 @@ class TurnEmitter:
             event={"status": "started"},
         )
         await self.publish(Route.CHAT_START, body)
+
+    async def service(self, type_: str, detail: str) -> None:
+        """A platform notice about this turn, on the ``chat_service`` route."""
+        body = events.envelope(self._address, type_, data={"detail": detail})
+        await self.publish(Route.CHAT_SERVICE, body)
 
     async def complete(self, final_answer: str) -> None:
         body = events.envelope(

@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+import anyio
 import structlog
 
 from kdcube.bus import BusError, Relay, TurnJob
 from kdcube.proc.emitter import TurnEmitter
-from kdcube.store import Store, StoreError, TurnOutcome, TurnState
+from kdcube.store import Store, StoreError, StoreUnavailable, TurnOutcome, TurnState
 from kdcube.wire.events import ErrorType, TurnAddress
 
 log = structlog.get_logger("kdcube.turns")
+
+RECORD_PATIENCE_S = 10.0
+"""How long ending a turn waits for an unreachable database."""
 
 
 class StopReason(StrEnum):
@@ -100,20 +104,26 @@ async def end_turn(
     ending: Ending,
     *,
     final_status: bool,
-) -> bool:
+) -> bool | None:
     """Persist the outcome, then publish the terminal event and final status.
 
     The store records an outcome once, so whoever records it (a processor, or
     an ingress dropping a queued turn) is the one that publishes the terminal
     event: there is never a second one. ``final_status`` adds the closing
-    ``conv_status``, for turns that had started. Returns whether this call
-    ended the turn.
+    ``conv_status``, for turns that had started.
+
+    Returns True when this call ended the turn, False when it had ended
+    already, and None when the database stayed out of reach: then nothing
+    was published, and the turn must be left to be claimed again later.
     """
     try:
-        ended = await store.finish_turn(job.turn_id, ending.outcome())
+        ended = await _record(store, job, ending)
+    except StoreUnavailable:
+        log.error("store.finish_unreachable", turn_id=job.turn_id)
+        return None
     except StoreError as exc:
-        # The client still deserves its terminal event; the store shows the
-        # turn unfinished until start-up recovery marks it interrupted.
+        # Not an outage but a failure the database will repeat: the client
+        # still deserves its terminal event.
         log.error("store.finish_failed", turn_id=job.turn_id, error=str(exc))
         ended = True
     if not ended:
@@ -131,6 +141,19 @@ async def end_turn(
     except BusError as exc:
         log.error("relay.publish_failed", turn_id=job.turn_id, error=str(exc))
     return True
+
+
+async def _record(store: Store, job: TurnJob, ending: Ending) -> bool:
+    """Record the outcome, retrying while the database is briefly away."""
+    delay = 0.05
+    with anyio.move_on_after(RECORD_PATIENCE_S):
+        while True:
+            try:
+                return await store.finish_turn(job.turn_id, ending.outcome())
+            except StoreUnavailable:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+    raise StoreUnavailable(f"could not record the outcome of turn {job.turn_id}")
 
 
 def address_of(job: TurnJob) -> TurnAddress:

@@ -23,12 +23,14 @@ from kdcube.bus import Bus, BusError, Claim, LeaseLost
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
 from kdcube.sdk import TurnContext
-from kdcube.store import Store
+from kdcube.store import Store, StoreUnavailable
 from kdcube.wire.ids import new_id
 
 log = structlog.get_logger("kdcube.proc")
 
-_SETTLE_S = 5.0
+# Ending a turn may wait out a short database or relay outage; past this the
+# turn is left to its lease, and whoever claims it next ends it.
+_SETTLE_S = 20.0
 _BUS_RETRY_S = 1.0
 
 
@@ -49,6 +51,8 @@ class _RunningTurn:
     reason: StopReason | None = None
     began: bool = False
     """Whether ``in_progress`` went out for it, here or on an earlier claim."""
+    leave_to_lease: bool = False
+    """The database was out of reach: do not ack, let the turn be redelivered."""
 
     def stop(self, reason: StopReason) -> None:
         if self.reason is None:
@@ -176,6 +180,10 @@ class Processor:
             keeper.start_soon(self._keep_lease, turn)
             try:
                 ending = await self._execute(turn, emitter)
+            except StoreUnavailable as exc:
+                log.warning("turn.deferred", turn_id=job.turn_id, error=str(exc))
+                turn.leave_to_lease = True
+                ending = None
             except Exception as exc:
                 log.error("turn.crashed", turn_id=job.turn_id, exc_info=exc)
                 ending = Ending.failed(
@@ -207,20 +215,25 @@ class Processor:
     async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending | None:
         """Run the turn; None means it had already ended elsewhere."""
         claim, job = turn.claim, turn.claim.job
+        bundle = self._bundles.get(job.bundle_id)
         if claim.started:
             turn.began = True
-            return Ending.interrupted("worker_lost_after_start")
-        if await self._bus.queue.cancel_requested(claim):
+            if not self._may_rerun(claim, bundle):
+                return Ending.interrupted("worker_lost_after_start")
+            await emitter.service(
+                "turn.rerun", "The turn restarts after a server failure."
+            )
+        elif await self._bus.queue.cancel_requested(claim):
             return Ending.cancelled()
-        if not await self._store.start_turn(job.turn_id):
+        elif not await self._store.start_turn(job.turn_id):
             return None
+        else:
+            await self._bus.queue.mark_started(claim)
+            turn.began = True
+            if not job.announced:
+                await emitter.status("in_progress")
 
-        await self._bus.queue.mark_started(claim)
-        turn.began = True
-        if not job.announced:
-            await emitter.status("in_progress")
         await emitter.start(job.bundle_id)
-        bundle = self._bundles.get(job.bundle_id)
         if bundle is None:
             return Ending.failed(
                 "bundle_error", f"Bundle {job.bundle_id!r} is not loaded."
@@ -234,6 +247,12 @@ class Processor:
         if ending is None:
             return Ending.stopped(StopReason.WALL)
         return ending
+
+    @staticmethod
+    def _may_rerun(claim: Claim, bundle: LoadedBundle | None) -> bool:
+        """A started turn whose processor died reruns once, if its bundle says
+        that is safe; the second claim is the only one that may rerun it."""
+        return bundle is not None and bundle.rerun_safe and claim.deliveries == 2
 
     async def _run_bundle(
         self, turn: _RunningTurn, bundle: LoadedBundle, emitter: TurnEmitter
@@ -305,9 +324,13 @@ class Processor:
             return  # Another processor owns the turn now; its events are its own.
 
         if ending is not None:
-            await end_turn(
+            ended = await end_turn(
                 self._store, emitter, turn.claim.job, ending, final_status=turn.began
             )
+            turn.leave_to_lease = ended is None
+        if turn.leave_to_lease:
+            return  # Not acked: the lease runs out and the turn is claimed again.
+
         try:
             await self._bus.queue.ack(turn.claim)
         except BusError as exc:

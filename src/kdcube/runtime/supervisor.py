@@ -23,6 +23,7 @@ from kdcube.bundles import LoadedBundle, load_bundle
 from kdcube.config import Settings
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.proc import Processor, ProcessorOptions
+from kdcube.runtime.dependencies import watch_dependencies
 from kdcube.runtime.http import hypercorn_config, serve_http
 from kdcube.runtime.platform import Platform, open_platform
 
@@ -89,10 +90,21 @@ class Supervisor:
                 urls = await root.start(
                     partial(serve_http, app, config, shutdown=http_closed)
                 )
+                watching = anyio.CancelScope()
+                root.start_soon(self._watch_dependencies, platform, watching)
                 task_status.started(Running(urls, platform, processor, hub))
 
                 await self._stop_requested.wait()
                 await self._drain(platform, processor, hub, http_closed)
+                watching.cancel()
+
+    async def _watch_dependencies(
+        self, platform: Platform, scope: anyio.CancelScope
+    ) -> None:
+        dependencies = platform.dependencies()
+        with scope:
+            if dependencies:
+                await watch_dependencies(platform.health, dependencies)
 
     async def _start_processor(
         self, root: anyio.abc.TaskGroup, platform: Platform
