@@ -31,6 +31,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,8 +97,9 @@ def psql(sql: str) -> str:
 def redis_counts() -> tuple[int, dict[str, int]]:
     """Redis's total_commands_processed and calls per command (cmdstat_*).
 
-    Each read adds its own INFO. The per-command calls also count what Lua
-    scripts run; compare them with the total before reading much into either.
+    Each read adds its own INFO. Both count the commands Lua scripts run
+    (TIME, XADD, ... inside an EVALSHA) as well as the EVALSHA itself, so the
+    calls sum to the total; EVALSHA alone counts the scripts' round trips.
     """
     total, calls = None, {}
     for line in redis_cli("INFO", "stats", "commandstats").splitlines():
@@ -126,21 +128,102 @@ def pg_transactions() -> int:
 
 
 @dataclass(frozen=True)
+class PgReading:
+    t: float  # time.monotonic()
+    xacts: int  # whole database, every client's
+    writes: int  # rows inserted, updated or deleted in the project's schema
+    scans: int  # sequential and index scans of the project's tables
+
+
+def pg_read(schema: str) -> PgReading:
+    """Database transactions, and row activity in this run's schema only,
+    which no other user of the shared server touches."""
+    row = psql(
+        "SELECT (SELECT xact_commit + xact_rollback FROM pg_stat_database"
+        f"  WHERE datname = '{POSTGRES_DB}'),"
+        " coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0),"
+        " coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0)"
+        f" FROM pg_stat_user_tables WHERE schemaname = '{schema}'"
+    )
+    xacts, writes, scans = (int(x) for x in row.split("|"))
+    return PgReading(time.monotonic(), xacts, writes, scans)
+
+
+def schema_of(project: str) -> str:
+    return f"kdcube_{TENANT}_{project}"
+
+
+class RedisSampler:
+    """Reads total_commands_processed every `interval` seconds in a thread.
+
+    Our load is steady over a row, while other clients of the shared server
+    (the project's test suite, for one) come in bursts; the median rate over
+    short slices keeps the one and drops the other.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.samples: list[tuple[float, int]] = []
+
+    def __enter__(self) -> RedisSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append((time.monotonic(), redis_commands()))
+            except (RuntimeError, OSError, subprocess.TimeoutExpired):
+                pass
+            if self._stop.wait(self._interval):
+                return
+
+    def _within(self, t0: float, t1: float) -> list[tuple[float, int]]:
+        return [(t, n) for t, n in list(self.samples) if t0 <= t <= t1]
+
+    def median_rate(self, t0: float, t1: float) -> float | None:
+        """The median of the per-slice rates between t0 and t1."""
+        inside = self._within(t0, t1)
+        rates = [
+            (n1 - n0) / (u1 - u0)
+            for (u0, n0), (u1, n1) in zip(inside, inside[1:], strict=False)
+            if u1 > u0
+        ]
+        return statistics.median(rates) if rates else None
+
+    def mean_rate(self, t0: float, t1: float) -> float | None:
+        inside = self._within(t0, t1)
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+@dataclass(frozen=True)
 class Rates:
     """Background traffic on the shared Redis and Postgres, per second."""
 
     seconds: float
-    redis_per_s: float
+    redis_per_s: float  # median over 0.5 s slices
+    redis_mean_per_s: float
     pg_per_s: float
 
 
 def measure_background(seconds: float) -> Rates:
     """Redis commands and Postgres transactions while none of ours run."""
     log(f"background: {seconds:.0f} s with no kdcube process of this run")
-    r0, p0, t0 = redis_commands(), pg_transactions(), time.monotonic()
-    time.sleep(seconds)
-    r1, p1, t1 = redis_commands(), pg_transactions(), time.monotonic()
-    return Rates(t1 - t0, (r1 - r0) / (t1 - t0), (p1 - p0) / (t1 - t0))
+    p0, t0 = pg_transactions(), time.monotonic()
+    with RedisSampler() as sampler:
+        time.sleep(seconds)
+    p1, t1 = pg_transactions(), time.monotonic()
+    median = sampler.median_rate(t0, t1) or 0.0
+    mean = sampler.mean_rate(t0, t1) or 0.0
+    return Rates(t1 - t0, median, mean, (p1 - p0) / (t1 - t0))
 
 
 # --- processes -------------------------------------------------------------------
@@ -391,7 +474,33 @@ def turns_row(
         for i, (role, n) in enumerate(zip(ingress, shares, strict=False))
     ]
     window = Window(len(loadgens), roles)
-    pg0, tpg0 = pg_transactions(), time.monotonic()
+    pg0 = pg_read(schema_of(opts.project))
+    with RedisSampler() as sampler:
+        _drive(loadgens, window, opts, reaper)
+        assert window.end is not None
+        # Postgres backends publish their statistics at most once a second, and
+        # one that goes idle with some unpublished waits 10 s
+        # (PGSTAT_IDLE_INTERVAL) before it does: so the last read waits that
+        # long after the load ends. Meanwhile Redis's rate with our roles idle
+        # again shows whether another client was busy around this row.
+        time.sleep(max(0.0, window.end.t + opts.pg_settle - time.monotonic()))
+    pg1 = pg_read(schema_of(opts.project))
+    assert window.start is not None
+    row = row_figures(users, loadgens, window, (pg0, pg1), opts)
+    after = (window.end.t + 1.0, window.end.t + opts.pg_settle)
+    row["redis"]["median_per_s"] = sampler.median_rate(window.start.t, window.end.t)
+    row["redis"]["idle_after_per_s"] = sampler.mean_rate(*after)
+    row["redis"]["idle_after_median_per_s"] = sampler.median_rate(*after)
+    return row
+
+
+def _drive(
+    loadgens: list[Loadgen],
+    window: Window,
+    opts: argparse.Namespace,
+    reaper: Reaper,
+) -> None:
+    """Run the load generators together until all are done."""
     followers = []
     for i, lg in enumerate(loadgens):
         cmd = [
@@ -433,19 +542,13 @@ def turns_row(
 
     if window.start is None or window.end is None:
         raise RuntimeError("a load generator never reported its measured window")
-    # Postgres backends publish their statistics at most once a second, and one
-    # that goes idle with some unpublished waits 10 s (PGSTAT_IDLE_INTERVAL)
-    # before it does: so the last read waits that long after the load ends.
-    time.sleep(max(0.0, window.end.t + opts.pg_settle - time.monotonic()))
-    pg1, tpg1 = pg_transactions(), time.monotonic()
-    return row_figures(users, loadgens, window, (pg0, tpg0, pg1, tpg1), opts)
 
 
 def row_figures(
     users: int,
     loadgens: list[Loadgen],
     window: Window,
-    pg: tuple[int, float, int, float],
+    pg: tuple[PgReading, PgReading],
     opts: argparse.Namespace,
 ) -> dict[str, Any]:
     assert window.start is not None and window.end is not None
@@ -457,7 +560,7 @@ def row_figures(
     cpu_ms = {
         name: (end.cpu_s[name] - start.cpu_s[name]) * 1000 for name in start.cpu_s
     }
-    pg0, tpg0, pg1, tpg1 = pg
+    pg0, pg1 = pg
     client_ms = sum(float(r["client"]["cpu_ms"]) for r in results)
     return {
         "users": users,
@@ -489,9 +592,12 @@ def row_figures(
             "calls_per_turn": calls_per_turn(start, end, turns),
         },
         "postgres": {
-            "transactions": pg1 - pg0,
-            "seconds": tpg1 - tpg0,
+            "transactions": pg1.xacts - pg0.xacts,
+            "seconds": pg1.t - pg0.t,
             "turns_counted": turns + warmup,
+            # The project's own tables: untouched by other users of the server.
+            "row_writes_per_turn": per(pg1.writes - pg0.writes, turns + warmup),
+            "scans_per_turn": per(pg1.scans - pg0.scans, turns + warmup),
         },
         "phase_marks": [
             {"phase": name, "loadgen": i, "t_s": t - start.t}
@@ -506,22 +612,34 @@ def per(total: float, items: int) -> float | None:
 
 
 def apply_background(topologies: list[dict[str, Any]], rates: list[Rates]) -> Rates:
-    """Subtract the mean background rate, over each count's own span."""
-    mean = Rates(
+    """Subtract the quietest background measured (the lowest of the medians
+    and of the Postgres rates), over each figure's own span."""
+    quiet = Rates(
         sum(r.seconds for r in rates),
-        sum(r.redis_per_s for r in rates) / len(rates),
-        sum(r.pg_per_s for r in rates) / len(rates),
+        min(r.redis_per_s for r in rates),
+        min(r.redis_mean_per_s for r in rates),
+        min(r.pg_per_s for r in rates),
     )
     for topo in topologies:
         for row in topo["rows"]:
             if "error" in row:
                 continue
-            for key, rate in (("redis", mean.redis_per_s), ("postgres", mean.pg_per_s)):
-                fig = row[key]
-                fig["background"] = rate * fig["seconds"]
-                raw = fig["commands" if key == "redis" else "transactions"]
-                fig["per_turn"] = per(raw - fig["background"], fig["turns_counted"])
-    return mean
+            redis, pg = row["redis"], row["postgres"]
+            redis["background"] = quiet.redis_per_s * redis["seconds"]
+            redis["per_turn"] = per(
+                redis["commands"] - redis["background"], redis["turns_counted"]
+            )
+            median = redis.get("median_per_s")
+            redis["per_turn_median"] = (
+                None
+                if median is None or not row["turns"]
+                else (median - quiet.redis_per_s) * redis["seconds"] / row["turns"]
+            )
+            pg["background"] = quiet.pg_per_s * pg["seconds"]
+            pg["per_turn"] = per(
+                pg["transactions"] - pg["background"], pg["turns_counted"]
+            )
+    return quiet
 
 
 def calls_per_turn(start: Snapshot, end: Snapshot, turns: int) -> dict[str, float]:
@@ -545,6 +663,8 @@ def idle_rates(roles: list[Role], seconds: float) -> dict[str, Any]:
     span = b.t - a.t
     return {
         "seconds": span,
+        # Our idle roles talk to Redis in bursts every few seconds (blocked
+        # claims), so a median over short slices would miss most of it.
         "redis_per_s": (b.redis - a.redis) / span,
         "pg_per_s": (p1 - p0) / span,
         "cpu_ms_per_s": {k: (b.cpu_s[k] - a.cpu_s[k]) * 1000 / span for k in a.cpu_s},
@@ -830,6 +950,18 @@ def recovery_round(
         stream.close()
 
 
+def round_note(result: dict[str, Any]) -> str:
+    if "recovery_s" in result:
+        return f"turn.rerun {result['recovery_s']:.2f} s after the kill"
+    if "kill_to_end_s" in result:
+        data = result["ending"].get("data") or {}
+        return (
+            f"no rerun: {result['ending']['route']} {data.get('error_type')}"
+            f" ({data.get('reason')}) {result['kill_to_end_s']:.2f} s after the kill"
+        )
+    return str(result.get("error"))
+
+
 def run_recovery(
     opts: argparse.Namespace,
     env: dict[str, str],
@@ -862,14 +994,7 @@ def run_recovery(
                 break
             started.append(victim)
             report["rounds"].append(result)
-            log(
-                f"recovery round {index}: "
-                + (
-                    f"{result['recovery_s']:.2f} s"
-                    if "recovery_s" in result
-                    else str(result.get("error"))
-                )
-            )
+            log(f"recovery round {index}: {round_note(result)}")
     except RoleError as exc:
         log(f"recovery: {exc}")
         report["error"] = str(exc)
@@ -927,7 +1052,7 @@ def print_topology(topo: dict[str, Any], opts: argparse.Namespace) -> None:
         title += " per load generator (ingress1 | ingress2), not merged"
     if idle:
         title += (
-            f"\n  idle topology: Redis {idle['redis_per_s']:.1f} cmd/s,"
+            f"\n  idle topology: Redis {fmt(idle['redis_per_s'])} cmd/s,"
             f" Postgres {idle['pg_per_s']:.2f} xact/s"
         )
     if not rows:
@@ -945,10 +1070,27 @@ def print_topology(topo: dict[str, Any], opts: argparse.Namespace) -> None:
         "cli CPU-ms/turn",
         "Redis cmd/turn",
         "PG xact/turn",
+        "PG writes/turn",
         "errors",
     ]
     table = []
+    flagged = []
     for r in rows:
+        # Our roles' traffic is steady: a window total well above the median
+        # rate, or much more than our idle rate right after the row, means
+        # another client was busy on the shared servers.
+        redis = r["redis"]
+        total, median = redis.get("per_turn"), redis.get("per_turn_median")
+        after = redis.get("idle_after_per_s")
+        limit = 2 * (idle.get("redis_per_s") or 0.0) + 20
+        why = []
+        if total is not None and median is not None and total > 1.05 * median:
+            why.append(f"window total {total:.0f}/turn")
+        if after is not None and after > limit:
+            why.append(f"{after:.0f} cmd/s in the {opts.pg_settle:.0f} s after")
+        mark = "*" if why else ""
+        if why:
+            flagged.append(f"C={r['users']} ({', '.join(why)})")
         table.append(
             [
                 str(r["users"]),
@@ -959,12 +1101,21 @@ def print_topology(topo: dict[str, Any], opts: argparse.Namespace) -> None:
                 *(fmt(r["cpu_ms_per_turn"][n], 2) for n in names),
                 fmt(r["server_cpu_ms_per_turn"], 2),
                 fmt(r["client_cpu_ms_per_turn"], 2),
-                fmt(r["redis"]["per_turn"], 1),
-                fmt(r["postgres"]["per_turn"], 2),
+                fmt(median, 1) + mark,
+                fmt(r["postgres"]["per_turn"], 2) + mark,
+                fmt(r["postgres"]["row_writes_per_turn"], 2),
                 str(r["errors"]),
             ]
         )
     print_table(title, header, table)
+    if flagged:
+        print(
+            "  * other clients were busy on the shared servers: "
+            + "; ".join(flagged)
+            + ". Redis cmd/turn is from the median rate and stands; PG xact/turn"
+            " of those rows is likely inflated (PG writes/turn counts only our"
+            " schema)."
+        )
     for r in rows:
         top = list(r["redis"]["calls_per_turn"].items())[:8]
         calls = ", ".join(f"{name} {n:.1f}" for name, n in top)
@@ -1239,11 +1390,14 @@ def main(argv: list[str]) -> int:
         b = report["background"]
         print(
             "\nBackground on the shared servers with none of ours running, before"
-            " / after the turns (the mean is subtracted below): Redis "
-            + " / ".join(f"{r['redis_per_s']:.1f}" for r in b["measured"])
-            + " cmd/s, Postgres "
+            " / after the turns: Redis "
+            + " / ".join(
+                f"{r['redis_per_s']:.1f} (mean {r['redis_mean_per_s']:.1f})"
+                for r in b["measured"]
+            )
+            + " cmd/s median of 0.5 s slices, Postgres "
             + " / ".join(f"{r['pg_per_s']:.2f}" for r in b["measured"])
-            + " xact/s"
+            + " xact/s; the lower of each is subtracted below"
         )
     for topo in report["topologies"]:
         print_topology(topo, opts)

@@ -107,8 +107,14 @@ def _drop_schema(dsn: str, schema: str) -> None:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
-    """Run every role in this event loop; drain it when the block ends."""
+async def serve(
+    tmp_path: Path, *, keep_data: bool = False, **overrides: Any
+) -> AsyncIterator[Server]:
+    """Run every role in this event loop; drain it when the block ends.
+
+    Its Redis keys and Postgres schema are removed afterwards, unless
+    ``keep_data`` (for a test that starts a second server on the same data).
+    """
     settings = Settings(
         home=tmp_path / "home",
         bundles=write_bundles(tmp_path),
@@ -132,8 +138,9 @@ async def serve(tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
             if not supervisor.stopping:
                 supervisor.request_stop()
     finally:
-        with anyio.CancelScope(shield=True):
-            await clean_backend(settings)
+        if not keep_data:
+            with anyio.CancelScope(shield=True):
+                await clean_backend(settings)
 
 
 def prompt_body(text: str, **fields: Any) -> dict[str, Any]:

@@ -19,10 +19,14 @@ OLDEST_CURSOR = "0-0"
 async def publish(
     relay: Relay, count: int, *, session: str = "s1", stream: str | None = None
 ) -> list[str]:
-    return [
-        await relay.publish(session, "chat_delta", f'{{"n": {n}}}', stream_id=stream)
-        for n in range(count)
-    ]
+    ids = []
+    for n in range(count):
+        published = await relay.publish(
+            session, "chat_delta", f'{{"n": {n}}}', stream_id=stream
+        )
+        assert published is not None
+        ids.append(published)
+    return ids
 
 
 async def read(relay: Relay, after: str, *, stream: str = "st1") -> RelayRead:
@@ -214,3 +218,21 @@ async def test_trimming_by_age_is_a_gap_once(relay_backend: RelayBackend) -> Non
     assert ids(first) == later
     assert not second.gap
     assert second.events == []
+
+
+async def test_an_event_published_once_is_not_published_again(relay: Relay) -> None:
+    first = await relay.publish(
+        "s1", "chat_complete", "{}", stream_id=None, once="t1:end"
+    )
+    again = await relay.publish(
+        "s1", "chat_complete", "{}", stream_id=None, once="t1:end"
+    )
+    other = await relay.publish(
+        "s1", "chat_complete", "{}", stream_id=None, once="t2:end"
+    )
+
+    got = await read(relay, OLDEST_CURSOR)
+
+    assert first is not None and other is not None
+    assert again is None
+    assert [event.id for event in got.events] == [first, other]

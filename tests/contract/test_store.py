@@ -288,3 +288,17 @@ async def test_reopening_keeps_data_and_migrates_once(
     assert applied
     assert store_backend.applied_migrations() == applied
     assert len(set(applied)) == len(applied)
+
+
+async def test_the_outcome_of_a_finished_turn_can_be_read_back(store: Store) -> None:
+    await store.submit_turn(
+        NewTurn("u1", "c1", True, "echo", "t1", "r1", "regular", "hello")
+    )
+    before = await store.turn_outcome("t1")
+    await store.start_turn("t1")
+    outcome = TurnOutcome(TurnState.COMPLETED, final_answer="hello")
+    await store.finish_turn("t1", outcome)
+
+    assert before is None
+    assert await store.turn_outcome("t1") == outcome
+    assert await store.turn_outcome("nope") is None

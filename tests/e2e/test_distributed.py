@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -61,11 +60,13 @@ class Cluster:
 
     async def start(self, role: str) -> Role:
         command = [sys.executable, "-m", "kdcube", "serve", role]
-        process = await anyio.open_process(
-            [*command, "--host", "127.0.0.1", "--port", "0"],
-            stderr=subprocess.DEVNULL,
-            env=self.env,
-        )
+        log = self.tmp_path / f"{role}-{len(self.roles)}.log"
+        with log.open("wb") as log_file:  # the child keeps its own descriptor
+            process = await anyio.open_process(
+                [*command, "--host", "127.0.0.1", "--port", "0"],
+                stderr=log_file,
+                env=self.env,
+            )
         line = await _first_line(process)
         assert "ready at" in line, f"{role} did not start: {line!r}"
         started = Role(process, line.rsplit(" ", 1)[-1].strip())
@@ -94,6 +95,8 @@ async def cluster(tmp_path: Path, **env: str) -> AsyncIterator[Cluster]:
         "KDCUBE_AUTH": "dev",
         "KDCUBE_BUNDLES": str(write_bundles(tmp_path)),
         "KDCUBE_HOME": str(tmp_path / "home"),
+        # Well inside the clients' 10 s read timeout.
+        "KDCUBE_SSE_KEEPALIVE_S": "2",
         **env,
     }
     running = Cluster(tmp_path, environment, [])

@@ -19,7 +19,7 @@ from kdcube.bus import TurnJob
 from kdcube.bus.memory import MemoryBus, open_memory_bus
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.sdk import TurnContext
-from kdcube.store import NewTurn
+from kdcube.store import NewTurn, TurnOutcome, TurnState
 from kdcube.store.sqlite import SqliteStore, open_sqlite_store
 from kdcube.wire.events import now_ms
 
@@ -272,3 +272,22 @@ async def test_a_second_crash_ends_the_turn_even_if_rerun_is_safe(
         ending = await r.ending("t1")
 
     assert ending["error_type"] == "turn_interrupted"
+
+
+async def test_an_ending_recorded_but_never_announced_is_announced_once(
+    tmp_path: Path,
+) -> None:
+    async def die_after_recording(r: Rig) -> None:
+        await _crash_while_running(r, turn_id="t1")
+        outcome = TurnOutcome(TurnState.COMPLETED, final_answer="from the dead")
+        await r.store.finish_turn("t1", outcome)
+
+    async with rig(
+        tmp_path, _rerun_safe_echo, rerun_safe=True, before_start=die_after_recording
+    ) as r:
+        ending = await r.ending("t1")
+        routes = await r.routes("t1")
+
+    assert ending["final_answer"] == "from the dead"
+    assert routes.count("chat_complete") == 1
+    assert "chat_service" not in routes, "a turn that had ended is not rerun"

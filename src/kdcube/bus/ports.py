@@ -170,9 +170,21 @@ class Relay(Protocol):
     """Each session's events, kept for replay and tailed live."""
 
     async def publish(
-        self, session_id: str, route: str, data_json: str, *, stream_id: str | None
-    ) -> str:
-        """Append an event and return its id; ids grow strictly per session."""
+        self,
+        session_id: str,
+        route: str,
+        data_json: str,
+        *,
+        stream_id: str | None,
+        once: str | None = None,
+    ) -> str | None:
+        """Append an event and return its id; ids grow strictly per session.
+
+        With ``once``, an event already published under the same key (within
+        the retention period) is not published again, and None is returned:
+        a turn's terminal event can then be announced again safely by whoever
+        takes the turn over, without the client ever seeing it twice.
+        """
 
     async def position(self, session_id: str) -> str:
         """A cursor that every future event of the session sorts after."""

@@ -32,7 +32,9 @@ class TurnEmitter:
         self._delta_index: dict[str, int] = {}
         self.last_activity = anyio.current_time()
 
-    async def publish(self, route: Route, body: dict[str, Any]) -> None:
+    async def publish(
+        self, route: Route, body: dict[str, Any], *, once: str | None = None
+    ) -> None:
         """Publish, riding out a short relay outage (a Redis failover or
         restart) so that the turn's events are delayed rather than lost."""
         self.last_activity = anyio.current_time()
@@ -42,21 +44,27 @@ class TurnEmitter:
             while True:
                 try:
                     await self._relay.publish(
-                        self._address.session_id, route, data, stream_id=self._stream_id
+                        self._address.session_id,
+                        route,
+                        data,
+                        stream_id=self._stream_id,
+                        once=once,
                     )
                     return
                 except BusUnavailable:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _MAX_RETRY_S)
 
-    async def status(self, state: str, *, completion: str | None = None) -> None:
+    async def status(
+        self, state: str, *, completion: str | None = None, once: str | None = None
+    ) -> None:
         body = events.conv_status(
             self._address,
             state,
             current_turn_id=self._address.turn_id,
             completion=completion,
         )
-        await self.publish(Route.CONV_STATUS, body)
+        await self.publish(Route.CONV_STATUS, body, once=once)
 
     async def start(self, bundle_id: str) -> None:
         body = events.envelope(
@@ -72,18 +80,25 @@ class TurnEmitter:
         body = events.envelope(self._address, type_, data={"detail": detail})
         await self.publish(Route.CHAT_SERVICE, body)
 
-    async def complete(self, final_answer: str) -> None:
+    async def complete(self, final_answer: str, *, once: str | None = None) -> None:
         body = events.envelope(
             self._address,
             "chat.complete",
             data={"final_answer": final_answer},
             event={"status": "completed"},
         )
-        await self.publish(Route.CHAT_COMPLETE, body)
+        await self.publish(Route.CHAT_COMPLETE, body, once=once)
 
-    async def error(self, error_type: str, message: str, reason: str | None) -> None:
+    async def error(
+        self,
+        error_type: str,
+        message: str,
+        reason: str | None,
+        *,
+        once: str | None = None,
+    ) -> None:
         body = events.chat_error(self._address, error_type, message, reason=reason)
-        await self.publish(Route.CHAT_ERROR, body)
+        await self.publish(Route.CHAT_ERROR, body, once=once)
 
     async def delta(self, text: str, *, marker: str = "answer") -> None:
         index = self._delta_index.get(marker, 0)

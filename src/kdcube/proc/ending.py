@@ -38,6 +38,15 @@ class Ending:
     reason: str | None = None
 
     @classmethod
+    def from_outcome(cls, outcome: TurnOutcome) -> Ending:
+        return cls(
+            outcome.state,
+            final_answer=outcome.final_answer,
+            error_type=outcome.error_type,
+            message=outcome.error,
+        )
+
+    @classmethod
     def completed(cls, answer: str) -> Ending:
         return cls(TurnState.COMPLETED, final_answer=answer)
 
@@ -105,19 +114,22 @@ async def end_turn(
     *,
     final_status: bool,
 ) -> bool | None:
-    """Persist the outcome, then publish the terminal event and final status.
+    """Record the outcome, then announce it: the terminal event, and the
+    closing ``conv_status`` when ``final_status`` (for turns that had started).
 
-    The store records an outcome once, so whoever records it (a processor, or
-    an ingress dropping a queued turn) is the one that publishes the terminal
-    event: there is never a second one. ``final_status`` adds the closing
-    ``conv_status``, for turns that had started.
+    The store records an outcome once, so an outcome recorded earlier (by an
+    ingress dropping a queued turn, or by a processor that then died) wins
+    over ``ending``. Either way the recorded outcome is announced, under
+    once-keys: a processor that died between recording and announcing is
+    covered by whoever takes the turn over, and no client sees two terminal
+    events.
 
-    Returns True when this call ended the turn, False when it had ended
-    already, and None when the database stayed out of reach: then nothing
-    was published, and the turn must be left to be claimed again later.
+    Returns True when this call recorded the outcome, False when it had been
+    recorded before, and None when the database stayed out of reach: then
+    nothing was announced, and the turn must be left to be claimed again.
     """
     try:
-        ended = await _record(store, job, ending)
+        recorded_now = await _record(store, job, ending)
     except StoreUnavailable:
         log.error("store.finish_unreachable", turn_id=job.turn_id)
         return None
@@ -125,22 +137,43 @@ async def end_turn(
         # Not an outage but a failure the database will repeat: the client
         # still deserves its terminal event.
         log.error("store.finish_failed", turn_id=job.turn_id, error=str(exc))
-        ended = True
-    if not ended:
-        return False
+        recorded_now = True
 
+    announced = ending if recorded_now else await _recorded(store, job)
+    if announced is not None:
+        await _announce(emitter, job, announced, final_status=final_status)
+    return recorded_now
+
+
+async def _recorded(store: Store, job: TurnJob) -> Ending | None:
+    try:
+        outcome = await store.turn_outcome(job.turn_id)
+    except StoreError as exc:
+        log.error("store.outcome_unreadable", turn_id=job.turn_id, error=str(exc))
+        return None
+    return None if outcome is None else Ending.from_outcome(outcome)
+
+
+async def _announce(
+    emitter: TurnEmitter, job: TurnJob, ending: Ending, *, final_status: bool
+) -> None:
+    terminal_once, status_once = f"{job.turn_id}:terminal", f"{job.turn_id}:status"
     try:
         if ending.final_answer is not None:
-            await emitter.complete(ending.final_answer)
+            await emitter.complete(ending.final_answer, once=terminal_once)
         else:
             await emitter.error(
-                ending.error_type or "error", ending.message or "", ending.reason
+                ending.error_type or "error",
+                ending.message or "",
+                ending.reason,
+                once=terminal_once,
             )
         if final_status:
-            await emitter.status(ending.conv_state, completion=ending.completion)
-    except BusError as exc:
+            await emitter.status(
+                ending.conv_state, completion=ending.completion, once=status_once
+            )
+    except (BusError, TimeoutError) as exc:
         log.error("relay.publish_failed", turn_id=job.turn_id, error=str(exc))
-    return True
 
 
 async def _record(store: Store, job: TurnJob, ending: Ending) -> bool:

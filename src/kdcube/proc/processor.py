@@ -218,6 +218,10 @@ class Processor:
         bundle = self._bundles.get(job.bundle_id)
         if claim.started:
             turn.began = True
+            earlier = await self._store.turn_outcome(job.turn_id)
+            if earlier is not None:
+                # It ended before its processor died: announce that ending.
+                return Ending.from_outcome(earlier)
             if not self._may_rerun(claim, bundle):
                 return Ending.interrupted("worker_lost_after_start")
             await emitter.service(

@@ -147,6 +147,10 @@ class Store(Protocol):
     async def finish_turn(self, turn_id: str, outcome: TurnOutcome) -> bool:
         """Record a turn's outcome once; False if it had already finished."""
 
+    async def turn_outcome(self, turn_id: str) -> TurnOutcome | None:
+        """The recorded outcome of a finished turn; None while it is unfinished
+        or when there is no such turn."""
+
     async def unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         """Ids of the conversation's queued and running turns, oldest first.
 

@@ -34,6 +34,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from kdcube.store.asyncio_bridge import AsyncioBridge, open_asyncio_bridge
 from kdcube.store.ports import (
+    UNFINISHED,
     ConversationDetail,
     ConversationNotFound,
     ConversationSummary,
@@ -122,6 +123,9 @@ class PostgresStore:
     async def finish_turn(self, turn_id: str, outcome: TurnOutcome) -> bool:
         return await self._run(self._finish_turn, turn_id, outcome)
 
+    async def turn_outcome(self, turn_id: str) -> TurnOutcome | None:
+        return await self._run(self._turn_outcome, turn_id)
+
     async def unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         return await self._run(self._unfinished_turns, user_id, conversation_id)
 
@@ -205,6 +209,22 @@ class PostgresStore:
                 conversation_id,
             )
         return True
+
+    async def _turn_outcome(self, turn_id: str) -> TurnOutcome | None:
+        async with _connection(self._pool) as db:
+            row = await db.fetchrow(
+                "SELECT state, final_answer, error_type, error FROM turns"
+                " WHERE turn_id = $1",
+                turn_id,
+            )
+        if row is None or TurnState(row["state"]) in UNFINISHED:
+            return None
+        return TurnOutcome(
+            TurnState(row["state"]),
+            row["final_answer"],
+            row["error_type"],
+            row["error"],
+        )
 
     async def _finish_turn(self, turn_id: str, outcome: TurnOutcome) -> bool:
         now = now_ms()

@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from kdcube.store.ports import (
+    UNFINISHED,
     ConversationDetail,
     ConversationNotFound,
     ConversationSummary,
@@ -86,6 +87,9 @@ class SqliteStore:
 
     async def finish_turn(self, turn_id: str, outcome: TurnOutcome) -> bool:
         return await self._run(self._finish_turn, turn_id, outcome)
+
+    async def turn_outcome(self, turn_id: str) -> TurnOutcome | None:
+        return await self._run(self._turn_outcome, turn_id)
 
     async def unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         return await self._run(self._unfinished_turns, user_id, conversation_id)
@@ -213,6 +217,13 @@ class SqliteStore:
             )
         return True
 
+    def _turn_outcome(self, turn_id: str) -> TurnOutcome | None:
+        row = self._db.execute(
+            "SELECT state, final_answer, error_type, error FROM turns WHERE turn_id = ?",
+            (turn_id,),
+        ).fetchone()
+        return _finished_outcome(row)
+
     def _unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         self._require_owner(user_id, conversation_id)
         rows = self._db.execute(
@@ -287,6 +298,13 @@ class SqliteStore:
 
 
 _CALM_ENDINGS = frozenset({TurnState.COMPLETED, TurnState.CANCELLED})
+
+
+def _finished_outcome(row: tuple[Any, ...] | None) -> TurnOutcome | None:
+    if row is None or TurnState(row[0]) in UNFINISHED:
+        return None
+    state, answer, error_type, error = row
+    return TurnOutcome(TurnState(state), answer, error_type, error)
 
 
 def _turn(row: tuple[Any, ...]) -> TurnRecord:

@@ -34,14 +34,26 @@ class MemoryRelay:
         self._retention_s = retention_s
         self._max_events = max_events
         self._sessions: dict[str, _SessionLog] = {}
+        self._published_once: dict[str, float] = {}
         self._last: EventKey = (time.time_ns() // 1_000_000, 0)
         # Nothing before this process started is kept, so older cursors see a gap.
         self._floor: EventKey = self._last
 
     async def publish(
-        self, session_id: str, route: str, data_json: str, *, stream_id: str | None
-    ) -> str:
+        self,
+        session_id: str,
+        route: str,
+        data_json: str,
+        *,
+        stream_id: str | None,
+        once: str | None = None,
+    ) -> str | None:
         await anyio.lowlevel.checkpoint()
+        if once is not None:
+            if once in self._published_once:
+                return None
+            self._published_once[once] = anyio.current_time()
+
         key = self._next_key()
         event = RelayEvent(format_event_id(*key), route, data_json, stream_id)
         log = self._log(session_id)
@@ -92,6 +104,9 @@ class MemoryRelay:
             self.sweep(anyio.current_time() - self._retention_s)
 
     def sweep(self, cutoff: float) -> None:
+        self._published_once = {
+            key: at for key, at in self._published_once.items() if at >= cutoff
+        }
         for session_id, log in list(self._sessions.items()):
             log.drop_oldest(bisect.bisect_left(log.times, cutoff))
             if not log.events and log.readers == 0:

@@ -113,6 +113,10 @@ class KeyLayout:
         only if the prefix, tenant and project have none)."""
         return self._key("relay", "s", "*")
 
+    def published_once(self, key: str) -> str:
+        """Marks an event published under a once-key (see Relay.publish)."""
+        return self._key("relay", "once", key)
+
     def last_event(self) -> str:
         """The last event id handed out in the deployment, across sessions."""
         return self._key("relay", "last")

@@ -59,8 +59,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 _PUBLISH = (
     _NOW
     + """
-local stream, last_key = KEYS[1], KEYS[2]
+local stream, last_key, once_key = KEYS[1], KEYS[2], KEYS[3]
 local max_events, retention_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[7] == '1' and not redis.call('SET', once_key, '1', 'NX', 'PX', retention_ms) then
+  return false
+end
 local ms, seq = now, 0
 local last = redis.call('GET', last_key)
 if last then
@@ -180,11 +183,21 @@ class RedisRelay:
 
     @maps_errors("publish an event")
     async def publish(
-        self, session_id: str, route: str, data_json: str, *, stream_id: str | None
-    ) -> str:
+        self,
+        session_id: str,
+        route: str,
+        data_json: str,
+        *,
+        stream_id: str | None,
+        once: str | None = None,
+    ) -> str | None:
         targeted = "0" if stream_id is None else "1"
         identifier: Any = await self._publish(
-            keys=[self.keys.stream(session_id), self.keys.last_event()],
+            keys=[
+                self.keys.stream(session_id),
+                self.keys.last_event(),
+                self.keys.published_once(once or ""),
+            ],
             args=[
                 self._max_events,
                 self._retention_ms,
@@ -192,8 +205,11 @@ class RedisRelay:
                 data_json,
                 targeted,
                 stream_id or "",
+                "0" if once is None else "1",
             ],
         )
+        if identifier is None:
+            return None
         return format_event_id(*parse_event_id(str(identifier)))
 
     @maps_errors("find a session's position")
