@@ -474,6 +474,7 @@ def turns_row(
         for i, (role, n) in enumerate(zip(ingress, shares, strict=False))
     ]
     window = Window(len(loadgens), roles)
+    loadavg = os.getloadavg()
     pg0 = pg_read(schema_of(opts.project))
     with RedisSampler() as sampler:
         _drive(loadgens, window, opts, reaper)
@@ -487,6 +488,7 @@ def turns_row(
     pg1 = pg_read(schema_of(opts.project))
     assert window.start is not None
     row = row_figures(users, loadgens, window, (pg0, pg1), opts)
+    row["loadavg_before"] = loadavg
     after = (window.end.t + 1.0, window.end.t + opts.pg_settle)
     row["redis"]["median_per_s"] = sampler.median_rate(window.start.t, window.end.t)
     row["redis"]["idle_after_per_s"] = sampler.mean_rate(*after)
@@ -658,14 +660,16 @@ def idle_rates(roles: list[Role], seconds: float) -> dict[str, Any]:
     start-up's Postgres statistics get published before the first row."""
     time.sleep(1.0)
     a, p0 = snapshot(roles), pg_transactions()
-    time.sleep(seconds)
+    # Idle roles talk to Redis in bursts every 2 s (blocked claims end and
+    # start again), so the median is over 2 s slices, which each hold one.
+    with RedisSampler(interval=2.0) as sampler:
+        time.sleep(seconds)
     b, p1 = snapshot(roles), pg_transactions()
     span = b.t - a.t
     return {
         "seconds": span,
-        # Our idle roles talk to Redis in bursts every few seconds (blocked
-        # claims), so a median over short slices would miss most of it.
-        "redis_per_s": (b.redis - a.redis) / span,
+        "redis_per_s": sampler.median_rate(a.t - 1, b.t + 1),
+        "redis_mean_per_s": (b.redis - a.redis) / span,
         "pg_per_s": (p1 - p0) / span,
         "cpu_ms_per_s": {k: (b.cpu_s[k] - a.cpu_s[k]) * 1000 / span for k in a.cpu_s},
         "rss_kb": b.rss_kb,

@@ -303,3 +303,45 @@ async def _until_terminals(ledger: Ledger, count: int) -> None:
     with anyio.fail_after(60):
         while sum(ledger.terminals.values()) < count:  # noqa: ASYNC110
             await anyio.sleep(0.05)
+
+
+async def _ready_body(client: httpx.AsyncClient, status: int) -> dict[str, object]:
+    """Poll /ready until it answers ``status`` (the watcher probes every 2 s)."""
+    with anyio.fail_after(15):
+        while True:
+            response = await client.get("/ready")
+            if response.status_code == status:
+                body: dict[str, object] = response.json()
+                return body
+            await anyio.sleep(0.1)
+
+
+async def test_an_outage_is_named_by_ready_and_refused_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    with throwaway_redis(tmp_path / "redis") as redis:
+        async with cluster(tmp_path, KDCUBE_REDIS_URL=redis.url) as roles:
+            ingress = await roles.start("ingress")
+            async with httpx.AsyncClient(base_url=ingress.url, timeout=10) as client:
+                await anyio.to_thread.run_sync(redis.stop)
+                down = await _ready_body(client, 503)
+                refused = await client.post(
+                    "/sse/chat",
+                    json={
+                        "external_events": [
+                            {
+                                "type": "event.user.prompt",
+                                "payload": {"event": {"text": "x"}},
+                            }
+                        ]
+                    },
+                    headers=auth("alice"),
+                )
+                await anyio.to_thread.run_sync(redis.start)
+                up = await _ready_body(client, 200)
+
+    assert down == {"status": "unavailable", "down": ["redis"]}
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "dependency_unavailable"
+    assert refused.headers["Retry-After"].isdigit()
+    assert up == {"status": "ready"}
