@@ -25,6 +25,8 @@ from typing import Any, TypeVar, TypeVarTuple
 import anyio
 import sniffio
 
+from kdcube.groups import sole_exception
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -92,17 +94,7 @@ async def open_asyncio_bridge() -> AsyncIterator[AsyncioBridge]:
         # The loop's nurseries wrap whatever crosses them, the block's own
         # errors included; unwrap, so that callers see the same errors as on
         # asyncio.
-        sole = _sole_exception(group)
+        sole = sole_exception(group)
         if sole is None:
             raise
         raise sole from sole.__cause__
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside nested single-member groups, else None."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return None

@@ -25,6 +25,7 @@ from kdcube.bus.redis.keys import KeyLayout
 from kdcube.bus.redis.queue import RedisQueue
 from kdcube.bus.redis.relay import RedisRelay
 from kdcube.bus.redis.state import RedisState
+from kdcube.groups import sole_exception
 
 _WARM_CONNECTIONS = 4
 """Connections the waits pool opens up front."""
@@ -114,17 +115,7 @@ async def open_redis_bus(
         # coredis's connection pools run task groups, which wrap whatever
         # crosses them, the block's own errors included; unwrap, so that
         # callers see BusUnavailable rather than a group around it.
-        sole = _sole_exception(group)
+        sole = sole_exception(group)
         if sole is None:
             raise
         raise sole from sole.__cause__
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside nested single-member groups, else None."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return None
