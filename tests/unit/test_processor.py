@@ -263,8 +263,12 @@ async def test_a_second_crash_ends_the_turn_even_if_rerun_is_safe(
     async def crash_twice(r: Rig) -> None:
         await _crash_while_running(r, turn_id="t1")
         with anyio.fail_after(5):
-            again = await r.bus.queue.claim("second-dead-processor", lease_s=1.0)
-        await r.bus.queue.mark_started(again)
+            await r.bus.queue.claim("second-dead-processor", lease_s=1.0)
+        # The second processor took the one rerun (its notice is the record),
+        # then died as well.
+        await r.bus.relay.publish(
+            "s1", "chat_service", "{}", stream_id=None, once="t1:rerun"
+        )
 
     async with rig(
         tmp_path, _rerun_safe_echo, rerun_safe=True, before_start=crash_twice

@@ -34,23 +34,26 @@ class TurnEmitter:
 
     async def publish(
         self, route: Route, body: dict[str, Any], *, once: str | None = None
-    ) -> None:
+    ) -> bool:
         """Publish, riding out a short relay outage (a Redis failover or
-        restart) so that the turn's events are delayed rather than lost."""
+        restart) so that the turn's events are delayed rather than lost.
+
+        False when ``once`` names an event that was published before.
+        """
         self.last_activity = anyio.current_time()
         data = dumps(body)
         delay = _FIRST_RETRY_S
         with anyio.fail_after(_PUBLISH_PATIENCE_S):
             while True:
                 try:
-                    await self._relay.publish(
+                    published = await self._relay.publish(
                         self._address.session_id,
                         route,
                         data,
                         stream_id=self._stream_id,
                         once=once,
                     )
-                    return
+                    return published is not None
                 except BusUnavailable:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _MAX_RETRY_S)
@@ -75,10 +78,12 @@ class TurnEmitter:
         )
         await self.publish(Route.CHAT_START, body)
 
-    async def service(self, type_: str, detail: str) -> None:
+    async def service(
+        self, type_: str, detail: str, *, once: str | None = None
+    ) -> bool:
         """A platform notice about this turn, on the ``chat_service`` route."""
         body = events.envelope(self._address, type_, data={"detail": detail})
-        await self.publish(Route.CHAT_SERVICE, body)
+        return await self.publish(Route.CHAT_SERVICE, body, once=once)
 
     async def complete(self, final_answer: str, *, once: str | None = None) -> None:
         body = events.envelope(

@@ -222,11 +222,8 @@ class Processor:
             if earlier is not None:
                 # It ended before its processor died: announce that ending.
                 return Ending.from_outcome(earlier)
-            if not self._may_rerun(claim, bundle):
+            if not await self._announce_rerun(job.turn_id, bundle, emitter):
                 return Ending.interrupted("worker_lost_after_start")
-            await emitter.service(
-                "turn.rerun", "The turn restarts after a server failure."
-            )
         elif await self._bus.queue.cancel_requested(claim):
             return Ending.cancelled()
         elif not await self._store.start_turn(job.turn_id):
@@ -253,10 +250,19 @@ class Processor:
         return ending
 
     @staticmethod
-    def _may_rerun(claim: Claim, bundle: LoadedBundle | None) -> bool:
+    async def _announce_rerun(
+        turn_id: str, bundle: LoadedBundle | None, emitter: TurnEmitter
+    ) -> bool:
         """A started turn whose processor died reruns once, if its bundle says
-        that is safe; the second claim is the only one that may rerun it."""
-        return bundle is not None and bundle.rerun_safe and claim.deliveries == 2
+        that is safe. The rerun notice is published under a once-key, which
+        doubles as the record that the one rerun was taken."""
+        if bundle is None or not bundle.rerun_safe:
+            return False
+        return await emitter.service(
+            "turn.rerun",
+            "The turn restarts after a server failure.",
+            once=f"{turn_id}:rerun",
+        )
 
     async def _run_bundle(
         self, turn: _RunningTurn, bundle: LoadedBundle, emitter: TurnEmitter
