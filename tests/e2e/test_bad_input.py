@@ -60,6 +60,13 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
         "unsupported_event",
     ),
     (
+        "nul in prompt",
+        "/sse/chat",
+        {"json": prompt_body("a\x00b"), "headers": auth("alice")},
+        400,
+        "invalid_request",
+    ),
+    (
         "unknown bundle",
         "/sse/chat",
         {"json": prompt_body("hi", bundle_id="nope"), "headers": auth("alice")},

@@ -73,6 +73,9 @@ def parse_submission(document: Any) -> Submission:
                 f"Event type {event.type!r} is not accepted; send one of "
                 f"{', '.join(sorted(PROMPT_TYPES))}.",
             )
+        if "\x00" in event.payload.event.text:
+            # Postgres text cannot hold NUL, and no prompt needs one.
+            raise bad_request("invalid_request", "The prompt contains a NUL character.")
         if not event.reactive:
             # Events recorded for a later turn without waking one need a
             # per-conversation event lane, which this version does not have.
