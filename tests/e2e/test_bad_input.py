@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kdcube.bus import BusUnavailable
 from tests.helpers import auth, open_stream, prompt_body, serve, submit
 
 pytestmark = pytest.mark.anyio
@@ -237,3 +238,28 @@ async def test_token_in_query_identifies_an_eventsource_client(tmp_path: Path) -
             ready = [await lines.__anext__() for _ in range(3)]
 
     assert '"user_type":"registered"' in ready[2]
+
+
+async def test_a_turn_that_cannot_be_queued_is_ended_not_left_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def queue_down(*_args: Any, **_kwargs: Any) -> None:
+        raise BusUnavailable("the queue is away")
+
+    async with serve(tmp_path) as server:
+        monkeypatch.setattr(server.running.platform.bus.queue, "enqueue", queue_down)
+        refused = await server.client.post(
+            "/sse/chat", json=prompt_body("hi"), headers=auth("alice")
+        )
+        listing = await server.client.get("/api/conversations", headers=auth("alice"))
+        monkeypatch.undo()
+        conversation = listing.json()["conversations"][0]
+        detail = await server.client.get(
+            f"/api/conversations/{conversation['conversation_id']}",
+            headers=auth("alice"),
+        )
+
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"].isdigit()
+    assert detail.json()["state"] == "idle"
+    assert [t["state"] for t in detail.json()["turns"]] == ["failed"]

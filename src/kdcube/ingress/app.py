@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
@@ -26,6 +27,7 @@ log = structlog.get_logger("kdcube.ingress")
 Json = dict[str, Any]
 
 _DEPENDENCY_RETRY_S = 5
+_ABANDON_S = 5.0
 
 
 def create_ingress_app(
@@ -236,7 +238,7 @@ class _IngressRoutes:
             enqueued_at_ms=now_ms(),
             announced=not result.busy,
         )
-        await self.bus.queue.enqueue(job)
+        await self._enqueue(job)
         return {
             "status": _ack_status(result.busy, submission.message_kind),
             "conversation_id": conversation_id,
@@ -328,6 +330,23 @@ class _IngressRoutes:
                 "A turn is queued or running; cancel it first.",
             )
         return {"status": "deleted", "conversation_id": conversation_id}, 200
+
+    async def _enqueue(self, job: TurnJob) -> None:
+        """Queue the recorded turn; if that fails, end it before refusing.
+
+        Otherwise the store would keep a queued turn that no processor will
+        ever see, and the conversation would look busy forever.
+        """
+        try:
+            await self.bus.queue.enqueue(job)
+        except BusUnavailable:
+            ending = Ending.failed("enqueue_failed", "The turn could not be queued.")
+            emitter = emitter_for(self.bus.relay, job)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_ABANDON_S):
+                await end_turn(
+                    self.store, emitter, job, ending, final_status=job.announced
+                )
+            raise
 
     async def _cancel_turns(self, turn_ids: list[str]) -> None:
         """Drop waiting turns here; running ones are stopped by their processor."""
