@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -64,28 +66,33 @@ async def _started_url(process: subprocess.Popen[str]) -> str:
     return line.rsplit(" ", 1)[-1].strip()
 
 
-@pytest.mark.slow
-async def test_kdcube_run_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _kdcube_run(
+    tmp_path: Path, **env: str
+) -> AsyncIterator[tuple[subprocess.Popen[str], httpx.AsyncClient]]:
+    """``kdcube run`` in a child process, and a client for it; killed at the end."""
     bundles = write_bundles(tmp_path)
-    process = _cli(
-        "run",
-        "--port",
-        "0",
-        "--bundles",
-        str(bundles),
-        env={"KDCUBE_HOME": str(tmp_path / "home")},
-    )
+    command = ["run", "--port", "0", "--bundles", str(bundles)]
+    process = _cli(*command, env={"KDCUBE_HOME": str(tmp_path / "home"), **env})
     try:
         url = await _started_url(process)
         async with httpx.AsyncClient(base_url=url) as client:
-            async with open_stream(client, "alice") as stream:
-                ack = await submit(client, "alice", "over the wire")
-                events = await stream.turn(ack["turn_id"])
-                process.send_signal(signal.SIGTERM)
-                goodbye = await stream.next()
-        code = await anyio.to_thread.run_sync(process.wait, 10)
+            yield process, client
     finally:
         process.kill()
+
+
+@pytest.mark.slow
+async def test_kdcube_run_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
+    async with (
+        _kdcube_run(tmp_path) as (process, client),
+        open_stream(client, "alice") as stream,
+    ):
+        ack = await submit(client, "alice", "over the wire")
+        events = await stream.turn(ack["turn_id"])
+        process.send_signal(signal.SIGTERM)
+        goodbye = await stream.next()
+        code = await anyio.to_thread.run_sync(process.wait, 10)
 
     assert events[-2].data["data"]["final_answer"] == "over the wire"
     assert goodbye.route == "server_shutdown"
@@ -94,30 +101,19 @@ async def test_kdcube_run_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
-    bundles = write_bundles(tmp_path)
-    process = _cli(
-        "run",
-        "--port",
-        "0",
-        "--bundles",
-        str(bundles),
-        env={"KDCUBE_HOME": str(tmp_path / "home"), "KDCUBE_DRAIN_TIMEOUT_S": "60"},
-    )
-    try:
-        url = await _started_url(process)
-        async with httpx.AsyncClient(base_url=url) as client:
-            async with open_stream(client, "alice") as stream:
-                ack = await submit(client, "alice", "endless", bundle_id="sleeper")
-                await stream.until("chat_delta", ack["turn_id"])
-                process.send_signal(signal.SIGINT)
-                with anyio.fail_after(5):
-                    # Polls another process, which has no event to wait on.
-                    while (await client.get("/ready")).status_code != 503:  # noqa: ASYNC110
-                        await anyio.sleep(0.02)
-                process.send_signal(signal.SIGINT)
-                code = await anyio.to_thread.run_sync(process.wait, 10)
-    finally:
-        process.kill()
+    async with (
+        _kdcube_run(tmp_path, KDCUBE_DRAIN_TIMEOUT_S="60") as (process, client),
+        open_stream(client, "alice") as stream,
+    ):
+        ack = await submit(client, "alice", "endless", bundle_id="sleeper")
+        await stream.until("chat_delta", ack["turn_id"])
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(5):
+            # Polls another process, which has no event to wait on.
+            while (await client.get("/ready")).status_code != 503:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        code = await anyio.to_thread.run_sync(process.wait, 10)
 
     assert code == 0
 
