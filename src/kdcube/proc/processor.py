@@ -84,10 +84,6 @@ class Processor:
     def in_flight(self) -> int:
         return len(self._running)
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def begin_drain(self) -> None:
         """Stop claiming; running turns get ``drain_timeout_s`` to finish."""
         self._draining = True
