@@ -140,5 +140,25 @@ class KeyLayout:
     def lock_tokens(self) -> str:
         return self._key("st", "lock-token")
 
+    def rate_burst(self, session_id: str) -> str:
+        """Sorted set: the session's admitted requests in its burst window."""
+        return self._key("gw", "rate-burst", session_id)
+
+    def rate_hour(self, session_id: str) -> str:
+        """Hash: the session's hour number and the requests admitted in it."""
+        return self._key("gw", "rate-hour", session_id)
+
+    def breaker(self, name: str) -> str:
+        """Hash: a circuit breaker's state and half-open bookkeeping."""
+        return self._key("gw", "breaker", name)
+
+    def breaker_failures(self, name: str) -> str:
+        """Sorted set: a closed breaker's recent failures, scored by time."""
+        return self._key("gw", "breaker-fails", name)
+
+    def gateway_config(self) -> str:
+        """Hash: the live gateway config document and its version."""
+        return self._key("gw", "config")
+
     def _key(self, *parts: str) -> str:
         return ":".join((self.root, *parts))
