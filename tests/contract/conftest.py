@@ -12,23 +12,33 @@ keep those durations to a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio.lowlevel
+import httpx
 import pytest
 import trio.testing
+from botocore.credentials import Credentials
 
 from kdcube.bus.memory import open_memory_bus
 from kdcube.bus.memory.relay import MemoryRelay
 from kdcube.bus.ports import Queue, Relay, State
 from kdcube.storage.local import LocalStorage
 from kdcube.storage.ports import Storage
+from kdcube.storage.s3 import MIN_PART_SIZE, Retry, S3Storage
 from kdcube.store.ports import Store
 from kdcube.store.sqlite import connect, open_sqlite_store
+from tests.s3_server import S3Server
 
 from .postgres_backend import fresh_schema
 from .redis_backend import (
@@ -42,7 +52,7 @@ from .redis_backend import (
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     if request.param == "trio" and (
-        _on_asyncio_driver(request) or wants_real_clock(request)
+        _on_asyncio_driver(request) or wants_real_clock(request) or _on_s3(request)
     ):
         return "trio", {}
     if request.param == "trio":
@@ -167,6 +177,8 @@ class StorageBackend:
     storage: Storage
     raw_files: Callable[[], list[str]]
     """Everything the adapter wrote, in and around its root, temp files too."""
+    anonymous_reads: Callable[[], AbstractContextManager[None]] = nullcontext
+    """Around a plain GET of a download URL (moto needs its checks off for it)."""
 
 
 def _local_backend(sandbox: Path) -> StorageBackend:
@@ -190,12 +202,206 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield from _walk(path)
 
 
-# Storage: add "s3" here, with a StorageBackend on a fresh bucket prefix.
-@pytest.fixture(params=["local"])
-def storage_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StorageBackend:
-    return _local_backend(tmp_path / "sandbox")
+def _on_s3(request: pytest.FixtureRequest) -> bool:
+    """Whether the test runs the S3 adapter, whose HTTP timeouts need real time."""
+    params = getattr(request.node, "callspec", None)
+    return params is not None and params.params.get("storage_backend") == "s3"
+
+
+@asynccontextmanager
+async def _s3_backend(server: S3Server) -> AsyncIterator[StorageBackend]:
+    """The S3 adapter on a fresh prefix of the shared bucket, emptied afterwards.
+
+    Parts are as small as S3 allows and list pages hold three keys, so the
+    contract's objects and listings span several of each.
+    """
+    sandbox = f"kdcube-test-{uuid.uuid4().hex[:12]}/"
+    admin = server.client()
+    async with httpx.AsyncClient() as client:
+        storage = S3Storage(
+            client,
+            bucket=server.bucket,
+            credentials=Credentials(server.access_key, server.secret_key),
+            region=server.region,
+            prefix=f"{sandbox}root/",
+            endpoint_url=server.endpoint,
+            part_size=MIN_PART_SIZE,
+            list_page_size=3,
+            retry=Retry(attempts=3, base_s=0.01),
+        )
+        try:
+            yield StorageBackend(
+                storage=storage,
+                raw_files=lambda: _raw_s3_files(admin, server.bucket, sandbox),
+                anonymous_reads=server.anonymous_reads,
+            )
+        finally:
+            _empty_s3_prefix(admin, server.bucket, sandbox)
+
+
+def _raw_s3_files(admin: Any, bucket: str, sandbox: str) -> list[str]:
+    """Objects under the sandbox, and multipart uploads never completed."""
+    found = []
+    for page in admin.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=sandbox
+    ):
+        found += [
+            item["Key"].removeprefix(sandbox) for item in page.get("Contents", [])
+        ]
+    uploads = admin.list_multipart_uploads(Bucket=bucket, Prefix=sandbox)
+    found += [
+        f"{upload['Key'].removeprefix(sandbox)} (upload {upload['UploadId']})"
+        for upload in uploads.get("Uploads", [])
+    ]
+    return sorted(found)
+
+
+def _empty_s3_prefix(admin: Any, bucket: str, sandbox: str) -> None:
+    uploads = admin.list_multipart_uploads(Bucket=bucket, Prefix=sandbox)
+    for upload in uploads.get("Uploads", []):
+        admin.abort_multipart_upload(
+            Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+        )
+    for page in admin.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=sandbox
+    ):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            admin.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
+@pytest.fixture(params=["local", "s3"])
+async def storage_backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StorageBackend]:
+    if request.param == "s3":
+        async with _s3_backend(request.getfixturevalue("s3_server")) as backend:
+            yield backend
+        return
+
+    yield _local_backend(tmp_path / "sandbox")
 
 
 @pytest.fixture
 def storage(storage_backend: StorageBackend) -> Storage:
     return storage_backend.storage
+
+
+# Gateway stores: rate limiter, breaker store and config board, each opened
+# twice on one shared state, as two processes of a deployment hold them.
+# Redis keeps real time, and so do these tests on every adapter: their test
+# modules run trio on the real clock (see their ``anyio_backend``).
+# Imported here, with the block they serve.
+
+from coredis import Redis  # noqa: E402
+
+from kdcube.bus.redis.keys import KeyLayout  # noqa: E402
+from kdcube.gateway import (  # noqa: E402
+    BreakerStore,
+    ConfigBoard,
+    MemoryBreakerStore,
+    MemoryConfigBoard,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisBreakerStore,
+    RedisConfigBoard,
+    RedisRateLimiter,
+    default_gateway_config,
+)
+
+from .redis_backend import REDIS_URL, delete_prefix, fresh_prefix  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GatewayStores:
+    rate_limiter: RateLimiter
+    breaker_stores: tuple[BreakerStore, BreakerStore]
+    boards: tuple[ConfigBoard, ConfigBoard]
+    open_board: Callable[[], ConfigBoard]
+    """One more board on the same state, as a process that starts later."""
+    leftovers: Callable[[], Awaitable[int]]
+    """How many rate-limit records are still held (Redis: keys, all with a TTL)."""
+    corrupt_board: Callable[[], Awaitable[int]] | None
+    """Store an invalid config document under a new version (Redis only)."""
+
+
+GATEWAY_POLL_S = 0.05
+
+
+def _memory_gateway() -> GatewayStores:
+    limiter = MemoryRateLimiter()
+    breakers = MemoryBreakerStore()
+    board = MemoryConfigBoard(default_gateway_config())
+
+    async def leftovers() -> int:
+        await anyio.lowlevel.checkpoint()
+        return limiter.tracked_sessions()
+
+    return GatewayStores(
+        rate_limiter=limiter,
+        breaker_stores=(breakers, breakers),
+        boards=(board, board),
+        open_board=lambda: board,
+        leftovers=leftovers,
+        corrupt_board=None,
+    )
+
+
+@asynccontextmanager
+async def _redis_gateway() -> AsyncIterator[GatewayStores]:
+    prefix = fresh_prefix()
+    keys = KeyLayout(prefix, "t", "p")
+
+    def board(client: Redis[str]) -> ConfigBoard:
+        return RedisConfigBoard(
+            client, keys, default_gateway_config(), poll_s=GATEWAY_POLL_S
+        )
+
+    async def leftovers() -> int:
+        found = [key async for key in first.scan_iter(match=f"{prefix}:*gw:rate-*")]
+        for key in found:
+            assert await first.pttl(key) > 0, f"{key} has no time to live"
+        return len(found)
+
+    async def corrupt_board() -> int:
+        version = await first.hincrby(keys.gateway_config(), "version", 1)
+        await first.hset(keys.gateway_config(), {"document": '{"profile": "nope"}'})
+        return version
+
+    try:
+        async with (
+            Redis.from_url(REDIS_URL, decode_responses=True) as first,
+            Redis.from_url(REDIS_URL, decode_responses=True) as second,
+        ):
+            yield GatewayStores(
+                rate_limiter=RedisRateLimiter(first, keys),
+                breaker_stores=(
+                    RedisBreakerStore(first, keys),
+                    RedisBreakerStore(second, keys),
+                ),
+                boards=(board(first), board(second)),
+                open_board=lambda: board(second),
+                leftovers=leftovers,
+                corrupt_board=corrupt_board,
+            )
+    finally:
+        await delete_prefix(prefix)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def gateway_stores(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[GatewayStores]:
+    if request.param == "redis":
+        async with _redis_gateway() as stores:
+            yield stores
+        return
+
+    yield _memory_gateway()
+
+
+def real_clock_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """An ``anyio_backend`` on real clocks, for tests that share Redis's time."""
+    if request.param == "trio":
+        return "trio", {}
+    return "asyncio", {"loop_factory": asyncio.SelectorEventLoop}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import hashlib
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import anyio
+import httpx
 import pytest
 
 from kdcube.storage.keys import InvalidKey
@@ -276,3 +280,199 @@ async def test_a_key_below_an_existing_object_is_a_storage_error(
 
     assert await read_all(storage, "a") == b"file"
     assert [info.key for info in await storage.list("a")][0] == "a"
+
+
+LARGE = 16 * 1024 * 1024 + 123
+"""Several multipart parts for adapters that upload in parts of a few MiB."""
+
+LARGE_CHUNK = 64 * 1024
+
+
+def large_chunk(index: int) -> bytes:
+    return index.to_bytes(4, "big") * (LARGE_CHUNK // 4)
+
+
+async def large_body() -> AsyncIterator[bytes]:
+    sent = 0
+    for index in range(LARGE // LARGE_CHUNK + 1):
+        chunk = large_chunk(index)[: LARGE - sent]
+        sent += len(chunk)
+        yield chunk
+
+
+def large_slice(start: int, end: int) -> bytes:
+    first, last = start // LARGE_CHUNK, (end - 1) // LARGE_CHUNK
+    joined = b"".join(large_chunk(index) for index in range(first, last + 1))
+    offset = first * LARGE_CHUNK
+    return joined[start - offset : end - offset]
+
+
+@contextmanager
+def peak_allocation() -> Iterator[list[int]]:
+    """Yields a list that holds, on exit, the peak bytes allocated inside."""
+    result: list[int] = []
+    tracemalloc.start()
+    try:
+        baseline, _ = tracemalloc.get_traced_memory()
+        yield result
+        _, peak = tracemalloc.get_traced_memory()
+        result.append(peak - baseline)
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "with space/a b.txt",
+        "umlaut/grün.txt",
+        "plus/a+b+c",
+        "emoji/🙂🚀.bin",
+        "percent/100% sure %20 %2F.txt",
+        "mixed/ü + 🙂 % ~ (1)!*'.txt",
+    ],
+)
+async def test_keys_with_characters_that_need_encoding(
+    storage: Storage, key: str
+) -> None:
+    await storage.put(key, key.encode())
+
+    assert await read_all(storage, key) == key.encode()
+    assert await read_all(storage, key, start=1, end=4) == key.encode()[1:4]
+    assert await storage.head(key) == ObjectInfo(key, len(key.encode()))
+    assert await storage.list(key.split("/")[0] + "/") == [
+        ObjectInfo(key, len(key.encode()))
+    ]
+    assert await storage.delete(key) is True
+    assert await storage.list("") == []
+
+
+async def test_a_large_streamed_object_never_sits_whole_in_memory(
+    storage: Storage,
+) -> None:
+    with peak_allocation() as put_peak:
+        info = await storage.put("large.bin", large_body())
+
+    assert info == ObjectInfo("large.bin", LARGE)
+    assert await storage.head("large.bin") == info
+
+    digest = hashlib.sha256()
+    with peak_allocation() as get_peak:
+        async for chunk in storage.get("large.bin"):
+            digest.update(chunk)
+
+    expected = hashlib.sha256()
+    async for chunk in large_body():
+        expected.update(chunk)
+    assert digest.hexdigest() == expected.hexdigest()
+    assert put_peak[0] < LARGE // 2, f"put held {put_peak[0]} bytes at once"
+    assert get_peak[0] < LARGE // 8, f"get held {get_peak[0]} bytes at once"
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (5 * 1024 * 1024 - 10, 5 * 1024 * 1024 + 10),
+        (8 * 1024 * 1024 - 1, 8 * 1024 * 1024 + 1),
+        (LARGE - 200, LARGE),
+        (3, 2 * 1024 * 1024),
+    ],
+)
+async def test_ranged_reads_across_part_boundaries(
+    storage: Storage, start: int, end: int
+) -> None:
+    await storage.put("large.bin", large_body())
+
+    assert await read_all(storage, "large.bin", start=start, end=end) == large_slice(
+        start, end
+    )
+
+
+async def test_a_large_bytes_body_round_trips(storage: Storage) -> None:
+    body = large_slice(0, LARGE)
+
+    assert await storage.put("large.bin", body) == ObjectInfo("large.bin", LARGE)
+
+    assert await read_all(storage, "large.bin") == body
+
+
+async def test_listing_returns_every_object_past_one_page(storage: Storage) -> None:
+    keys = [f"many/{index:03}" for index in range(25)] + ["other/x"]
+    for key in keys:
+        await storage.put(key, key.encode())
+
+    assert [info.key for info in await storage.list("many/")] == keys[:-1]
+    assert [info.key for info in await storage.list("")] == keys
+    assert [info.key for info in await storage.list("many/01")] == [
+        f"many/{index:03}" for index in range(10, 20)
+    ]
+    assert await storage.delete_prefix("many/") == 25
+    assert [info.key for info in await storage.list("")] == ["other/x"]
+
+
+async def test_a_download_url_serves_exactly_the_bytes(
+    storage_backend: StorageBackend,
+) -> None:
+    storage = storage_backend.storage
+    key = "files/report ü+🙂.bin"
+    await storage.put(key, BIG)
+
+    url = await storage.download_url(key, expires_s=60)
+
+    if url is None:
+        # No URL: the caller serves the bytes, which must then be all there.
+        assert await read_all(storage, key) == BIG
+        return
+    with storage_backend.anonymous_reads():
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url)
+    assert response.status_code == 200
+    assert response.content == BIG
+
+
+async def test_a_download_url_needs_a_valid_key(storage: Storage) -> None:
+    with pytest.raises(InvalidKey):
+        await storage.download_url("../outside", expires_s=60)
+
+
+async def test_a_streamed_put_failing_after_several_parts_leaves_nothing(
+    storage_backend: StorageBackend,
+) -> None:
+    storage = storage_backend.storage
+
+    async def breaks_off() -> AsyncIterator[bytes]:
+        async for chunk in large_body():
+            yield chunk
+        raise OSError("the upload broke off")
+
+    with pytest.raises(OSError, match="broke off"):
+        await storage.put("a/new", breaks_off())
+
+    assert storage_backend.raw_files() == []
+    with pytest.raises(ObjectNotFound):
+        await storage.head("a/new")
+
+
+async def test_a_streamed_put_cancelled_after_several_parts_leaves_nothing(
+    storage_backend: StorageBackend,
+) -> None:
+    storage = storage_backend.storage
+    await storage.put("a/old", b"old")
+    before = storage_backend.raw_files()
+
+    with anyio.CancelScope() as scope:
+
+        async def cancelled_midway() -> AsyncIterator[bytes]:
+            # Pulling past 12 MiB means the adapter has taken at least two
+            # parts' worth; cancel then, as a client that went away would.
+            async for chunk in large_body():
+                yield chunk
+            scope.cancel()
+            await anyio.sleep_forever()
+            yield b"never"
+
+        await storage.put("a/old", cancelled_midway())
+
+    assert scope.cancelled_caught
+    assert storage_backend.raw_files() == before
+    assert await read_all(storage, "a/old") == b"old"

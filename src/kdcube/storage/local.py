@@ -107,6 +107,11 @@ class LocalStorage:
             await self.delete(info.key)
         return len(found)
 
+    async def download_url(self, key: str, *, expires_s: int) -> str | None:
+        # A file path is no URL a browser may fetch: the caller streams it.
+        self._path(key)
+        return None
+
     def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
         # Walk only the deepest folder the prefix names, then filter by name.
         folder = self._root / prefix.rpartition("/")[0]

@@ -15,6 +15,18 @@ class ObjectNotFound(StorageError):
     """No object under that key."""
 
 
+class StorageUnavailable(StorageError):
+    """The backend could not be reached or kept failing; trying later may work."""
+
+
+class AccessDenied(StorageError):
+    """The backend refused the credentials or the operation; retrying won't help."""
+
+
+class InvalidStorageUrl(StorageError, ValueError):
+    """A storage URL with a scheme or shape no adapter opens."""
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     key: str
@@ -41,3 +53,10 @@ class Storage(Protocol):
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; returns how many."""
+
+    async def download_url(self, key: str, *, expires_s: int) -> str | None:
+        """A URL that serves the object's bytes to anyone for ``expires_s`` seconds.
+
+        None means the adapter has no such URL and the caller serves the bytes
+        itself. Whether the object exists is not checked.
+        """
