@@ -7,15 +7,39 @@ names the variable, so an operator never has to read a traceback to fix a typo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 AsyncBackend = Literal["trio", "asyncio"]
 AuthMode = Literal["dev", "oidc"]
+ScanPolicyName = Literal["required", "best_effort", "off"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_COOKIE_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+# Asymmetric algorithms only: an HS* algorithm would let anyone holding the
+# issuer's public key sign tokens, and "none" signs nothing at all.
+SIGNING_ALGORITHMS = frozenset(
+    {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+)
+
+# A comma-separated environment value, read as a tuple of non-empty names.
+CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
 class ConfigError(Exception):
@@ -36,6 +60,8 @@ class Settings(BaseSettings):
     storage_path: str | None = None
     s3_endpoint_url: str | None = None
     clamd: str | None = None
+    clamd_policy: ScanPolicyName | None = None
+    clamd_timeout_s: float = Field(3.0, gt=0)
     bundles: Path | None = None
     gateway_config: Path | None = None
 
@@ -51,12 +77,79 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     session_ttl_s: float = Field(86_400.0, gt=0)
 
+    allow_anonymous: bool = True
+    access_token_cookie: str = Field("__Secure-LATC", pattern=_COOKIE_PATTERN)
+    id_token_cookie: str = Field("__Secure-LITC", pattern=_COOKIE_PATTERN)
+    oidc_issuer: str | None = None
+    oidc_audience: CommaList = ()
+    oidc_jwks_url: str | None = None
+    oidc_roles_claim: CommaList = ("cognito:groups", "roles")
+    oidc_privileged_roles: CommaList = ("kdcube:role:super-admin", "kdcube:role:admin")
+    oidc_paid_roles: CommaList = ("kdcube:role:paid",)
+    oidc_algorithms: CommaList = ("RS256", "ES256")
+    oidc_leeway_s: float = Field(60.0, ge=0, le=600)
+    oidc_jwks_ttl_s: float = Field(3600.0, gt=0)
+    oidc_jwks_cooldown_s: float = Field(30.0, ge=0)
+    oidc_fetch_timeout_s: float = Field(5.0, gt=0, le=60)
+
     @field_validator("storage_path")
     @classmethod
     def _known_storage_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("file://", "s3://")):
             raise ValueError("must start with file:// or s3://")
         return value
+
+    @field_validator(
+        "oidc_audience",
+        "oidc_roles_claim",
+        "oidc_privileged_roles",
+        "oidc_paid_roles",
+        "oidc_algorithms",
+        mode="before",
+    )
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        refused = [name for name in value if name not in SIGNING_ALGORITHMS]
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)} not accepted; choose from"
+                f" {', '.join(sorted(SIGNING_ALGORITHMS))}"
+            )
+        if not value:
+            raise ValueError("name at least one algorithm, e.g. RS256")
+        return value
+
+    @field_validator("oidc_issuer", "oidc_jwks_url")
+    @classmethod
+    def _fetchable(cls, value: str | None) -> str | None:
+        if value is not None and not is_secure_url(value):
+            raise ValueError("must be an https:// URL (http:// only for loopback)")
+        return value
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        # Raised as ConfigError, not ValueError: pydantic would report a
+        # whole-model error without the variable's name.
+        if self.auth != "oidc":
+            return self
+        if self.oidc_issuer is None:
+            raise ConfigError(
+                "missing KDCUBE_OIDC_ISSUER: KDCUBE_AUTH=oidc needs the issuer URL"
+                " exactly as it appears in the tokens' iss claim"
+            )
+        if not self.oidc_audience:
+            raise ConfigError(
+                "missing KDCUBE_OIDC_AUDIENCE: KDCUBE_AUTH=oidc needs the client"
+                " id(s) the tokens are issued for, comma-separated"
+            )
+        return self
 
     @property
     def distributed(self) -> bool:
@@ -67,6 +160,14 @@ class Settings(BaseSettings):
         if self.storage_path is not None:
             return self.storage_path
         return (self.home / "storage").resolve().as_uri()
+
+
+def is_secure_url(url: str) -> bool:
+    """Whether keys may be fetched from ``url``: https, or http on loopback."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return bool(parts.hostname)
+    return parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -8,39 +8,50 @@ from typing import Any
 from quart import Request
 
 from kdcube.identity import Credentials, Identity, InvalidToken
-from kdcube.identity.model import Authenticator
+from kdcube.identity.extract import (
+    ACCESS_COOKIE,
+    DEFAULT_COOKIES,
+    TokenCookies,
+    extract_credentials,
+)
+from kdcube.identity.model import Authenticator, IdentityUnavailable
 from kdcube.wire.errors import ApiError, bad_request
 from kdcube.wire.ids import is_client_id
 
-TOKEN_COOKIE = "__Secure-LATC"
+TOKEN_COOKIE = ACCESS_COOKIE
 _JSON_TYPES = ("application/json", "text/json")
+_IDENTITY_RETRY_S = 5
 
 
-def credentials(request: Request) -> Credentials:
-    """The token by precedence: header, ``bearer_token`` query, then cookie."""
-    header = request.headers.get("Authorization")
-    token: str | None
-    if header is not None:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise ApiError(
-                401, "invalid_token", "Authorization must be 'Bearer <token>'."
-            )
-        token = value.strip()
-    else:
-        token = request.args.get("bearer_token") or request.cookies.get(TOKEN_COOKIE)
-
-    fingerprint = Credentials.fingerprint_of(
-        request.remote_addr or "", request.headers.get("User-Agent", "")
-    )
-    return Credentials(token, fingerprint)
-
-
-async def identify(request: Request, authenticator: Authenticator) -> Identity:
+def credentials(
+    request: Request, cookie_names: TokenCookies = DEFAULT_COOKIES
+) -> Credentials:
+    """The tokens by precedence: header, ``bearer_token`` query, then cookie."""
     try:
-        return await authenticator.identify(credentials(request))
+        return extract_credentials(
+            headers=request.headers,
+            query=request.args,
+            cookies=request.cookies,
+            remote_addr=request.remote_addr,
+            cookie_names=cookie_names,
+        )
     except InvalidToken as exc:
         raise ApiError(401, "invalid_token", str(exc)) from None
+
+
+async def identify(
+    request: Request,
+    authenticator: Authenticator,
+    cookie_names: TokenCookies = DEFAULT_COOKIES,
+) -> Identity:
+    try:
+        return await authenticator.identify(credentials(request, cookie_names))
+    except InvalidToken as exc:
+        raise ApiError(401, "invalid_token", str(exc)) from None
+    except IdentityUnavailable as exc:
+        raise ApiError(
+            503, "dependency_unavailable", str(exc), retry_after=_IDENTITY_RETRY_S
+        ) from None
 
 
 def client_id(value: str | None, name: str, *, required: bool) -> str | None:
@@ -69,28 +80,6 @@ def parse_json(raw: bytes | str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("bad_json", "The body is not valid JSON.") from None
-
-
-async def submission_body(request: Request) -> Any:
-    """The chat submission from a JSON body or a multipart ``event_submission``."""
-    if request.mimetype != "multipart/form-data":
-        return await json_body(request)
-
-    form = await request.form
-    files = await request.files
-    if any(True for _ in files.items(multi=True) if _[0] != "event_submission"):
-        # Attachments need the scanning and storage path of the upload
-        # pipeline, which this version does not have yet.
-        raise bad_request(
-            "attachment_rejected", "This server does not accept attachments yet."
-        )
-    if "event_submission" in form:
-        return parse_json(form["event_submission"])
-    if "event_submission" in files:
-        return parse_json(files["event_submission"].read())
-    raise bad_request(
-        "missing_external_events", "The multipart body has no event_submission part."
-    )
 
 
 def last_event_id(request: Request) -> str | None:
