@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anyio
 import pytest
 
@@ -56,6 +58,19 @@ async def test_submit_creates_the_conversation(store: Store) -> None:
     )
     assert (record.bundle_id, record.message_kind) == ("echo", "chat")
     assert (record.final_answer, record.finished_at) == (None, None)
+
+
+async def test_a_turn_lists_its_attachments(store: Store) -> None:
+    files = (
+        {"name": "notes.txt", "mime": "text/plain", "size": 12, "scan": "clean"},
+        {"name": "ünï código.png", "mime": "image/png", "size": 3, "scan": "clean"},
+    )
+    await store.submit_turn(replace(turn("t1", new=True), attachments=files))
+    await store.submit_turn(turn("t2"))
+
+    detail = await store.conversation("alice", "c1")
+
+    assert [record.attachments for record in detail.turns] == [list(files), []]
 
 
 async def test_submit_to_an_existing_conversation(store: Store) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -59,6 +59,8 @@ class TurnJob:
     enqueued_at_ms: int
     announced: bool = False
     """Whether the ingress already published the turn's ``in_progress`` status."""
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    """The message's files as listed on the turn (name, mime, size, scan)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,6 +51,8 @@ class NewTurn:
     request_id: str
     message_kind: str
     prompt: str
+    attachments: tuple[dict[str, Any], ...] = ()
+    """Files of the message, already stored and scanned, as listed on the turn."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,8 +171,8 @@ class PostgresStore:
             )
             await db.execute(
                 "INSERT INTO turns (turn_id, conversation_id, seq, bundle_id,"
-                " request_id, message_kind, prompt, state, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8)",
+                " request_id, message_kind, prompt, attachments, state, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, 'queued', $9)",
                 new.turn_id,
                 new.conversation_id,
                 seq,
@@ -180,6 +180,7 @@ class PostgresStore:
                 new.request_id,
                 new.message_kind,
                 new.prompt,
+                json.dumps(list(new.attachments)),
                 now,
             )
             await db.execute(

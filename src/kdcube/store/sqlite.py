@@ -151,8 +151,8 @@ class SqliteStore:
             ).fetchone()
             self._db.execute(
                 "INSERT INTO turns (turn_id, conversation_id, seq, bundle_id,"
-                " request_id, message_kind, prompt, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                " request_id, message_kind, prompt, attachments, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
                 (
                     new.turn_id,
                     new.conversation_id,
@@ -161,6 +161,7 @@ class SqliteStore:
                     new.request_id,
                     new.message_kind,
                     new.prompt,
+                    json.dumps(list(new.attachments)),
                     now,
                 ),
             )

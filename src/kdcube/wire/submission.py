@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -84,3 +85,15 @@ def parse_submission(document: Any) -> Submission:
                 "Non-reactive events are not accepted by this server.",
             )
     return submission
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedSubmission:
+    """A submission the ingress has checked against its limits and registry."""
+
+    submission: Submission
+    prompt: str
+    bundle_id: str
+    requested_conversation: str | None
+    """The conversation the client named; None when a new one is created."""
+    conversation_id: str
