@@ -1,11 +1,16 @@
 """Test and lint sessions. `nox` runs them all; `nox -s lint` only the checks.
 
-The tests form a matrix over backends: ``embedded`` (in-memory bus, SQLite)
-and ``redis-postgres`` (Redis and Postgres from ``KDCUBE_TEST_REDIS_URL`` and
-``KDCUBE_TEST_POSTGRES_DSN``, by default the local servers on their standard
-ports). The contract suites test every adapter in the embedded cell; the
-backend picks what the end-to-end tests run on. S3 storage joins as a second
-axis once its adapter exists.
+The tests form a matrix: backend {embedded, redis-postgres} x storage
+{local, s3}. ``embedded`` is the in-memory bus with SQLite; ``redis-postgres``
+uses the Redis and Postgres named by ``KDCUBE_TEST_REDIS_URL`` and
+``KDCUBE_TEST_POSTGRES_DSN`` (by default the local servers on their standard
+ports). ``s3`` stores everything in an S3 server that validates signatures
+(moto, started by the tests, unless ``KDCUBE_TEST_S3_ENDPOINT`` names one).
+
+The first cell runs the whole suite, every adapter's contract tests included;
+the other cells run the end-to-end tests, which are what the backend and the
+storage change. Each session first makes sure clamd is installed
+(``ops/clamd/clamd.sh install``), since the upload tests scan with a real one.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 @nox.session
+@nox.parametrize("storage", ["local", "s3"])
 @nox.parametrize("backend", ["embedded", "redis-postgres"])
-def tests(session: nox.Session, backend: str) -> None:
+def tests(session: nox.Session, backend: str, storage: str) -> None:
     session.install("-e", ".[test]")
+    session.run("bash", "ops/clamd/clamd.sh", "install", external=True)
     session.env["KDCUBE_TEST_BACKEND"] = backend
-    if backend == "embedded":
+    session.env["KDCUBE_TEST_STORAGE"] = storage
+    if (backend, storage) == ("embedded", "local"):
         session.run("pytest", *session.posargs)
     else:
         session.run("pytest", "tests/e2e", *session.posargs)

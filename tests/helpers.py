@@ -19,6 +19,7 @@ import yaml
 
 from kdcube.config import Settings
 from kdcube.runtime.supervisor import Role, Running, Supervisor
+from tests.s3_server import provide_s3_server
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("chat_complete", "chat_error")
@@ -59,16 +60,24 @@ def backend() -> str:
     return os.environ.get("KDCUBE_TEST_BACKEND", "embedded")
 
 
+def storage() -> str:
+    """The matrix cell's storage: ``local`` (default) or ``s3``."""
+    return os.environ.get("KDCUBE_TEST_STORAGE", "local")
+
+
 def backend_settings() -> dict[str, Any]:
-    """Settings that put a test on the backend of its matrix cell.
+    """Settings that put a test on the backend and storage of its matrix cell.
 
     On Redis and Postgres each test gets a project of its own: its keys carry
     that project and its tables live in that project's schema, so tests never
-    see each other's data, and ``clean_backend`` removes both afterwards.
+    see each other's data, and ``clean_backend`` removes both afterwards. On
+    S3 each test gets a prefix of its own in the test bucket.
     """
+    settings = storage_settings()
     if backend() == "embedded":
-        return {}
+        return settings
     return {
+        **settings,
         "redis_url": os.environ.get(
             "KDCUBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
         ),
@@ -77,6 +86,29 @@ def backend_settings() -> dict[str, Any]:
         ),
         "project": f"t{uuid.uuid4().hex[:12]}",
     }
+
+
+def storage_settings() -> dict[str, Any]:
+    if storage() == "local":
+        return {}
+    server = provide_s3_server()
+    # The processes under test find their S3 credentials the way deployed ones
+    # do: through botocore's chain, here the environment.
+    os.environ.update(server.env())
+    return {
+        "storage_path": server.storage_url(f"e2e/{uuid.uuid4().hex[:12]}/"),
+        "s3_endpoint_url": server.endpoint,
+    }
+
+
+def storage_environment(settings: Settings) -> dict[str, str]:
+    """The storage of ``settings`` as the environment of a ``kdcube`` process."""
+    environment = {}
+    if settings.storage_path is not None:
+        environment["KDCUBE_STORAGE_PATH"] = settings.storage_path
+    if settings.s3_endpoint_url is not None:
+        environment["KDCUBE_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return environment
 
 
 async def clean_backend(settings: Settings) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import click
@@ -86,6 +87,92 @@ def migrate() -> None:
         backend=settings.async_backend,
     )
     click.echo(f"kdcube: applied migrations {applied or 'none (up to date)'}")
+
+
+@main.group()
+def gateway() -> None:
+    """Check or change the live gateway config (rate limits, backpressure)."""
+
+
+_url_option = click.option(
+    "--url",
+    envvar="KDCUBE_URL",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="The ingress (or kdcube run) to talk to; env KDCUBE_URL.",
+)
+_token_option = click.option(
+    "--token",
+    envvar="KDCUBE_TOKEN",
+    help="A privileged user's token; env KDCUBE_TOKEN.",
+)
+_file_argument = click.argument(
+    "file", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+
+
+@gateway.command("validate")
+@_file_argument
+def gateway_validate(file: Path) -> None:
+    """Check FILE locally; nothing is sent anywhere."""
+    from kdcube.gateway import InvalidGatewayConfig, load_gateway_config
+
+    try:
+        load_gateway_config(file)
+    except InvalidGatewayConfig as exc:
+        _fail(str(exc))
+    click.echo(f"kdcube: {file} is a valid gateway config")
+
+
+@gateway.command("apply")
+@_file_argument
+@_url_option
+@_token_option
+def gateway_apply(file: Path, url: str, token: str | None) -> None:
+    """Validate FILE on the server and apply it to every process."""
+    answer = _admin_call("POST", url, "/admin/gateway", token, body=file.read_bytes())
+    click.echo(f"kdcube: gateway config version {answer['version']} applied")
+
+
+@gateway.command("reset")
+@_url_option
+@_token_option
+def gateway_reset(url: str, token: str | None) -> None:
+    """Go back to the config the processes started from."""
+    answer = _admin_call("POST", url, "/admin/gateway/reset", token)
+    click.echo(f"kdcube: gateway config reset (version {answer['version']})")
+
+
+@gateway.command("show")
+@_url_option
+@_token_option
+def gateway_show(url: str, token: str | None) -> None:
+    """Print the config in force, its version and the circuit breakers."""
+    answer = _admin_call("GET", url, "/admin/gateway", token)
+    click.echo(json.dumps(answer, indent=2))
+
+
+def _admin_call(
+    method: str, url: str, path: str, token: str | None, *, body: bytes | None = None
+) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Content-Type": "application/yaml"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.request(
+            method, url.rstrip("/") + path, content=body, headers=headers, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {url}: {exc}")
+    try:
+        answer: dict[str, Any] = response.json()
+    except ValueError:
+        _fail(f"{url} answered {response.status_code} without JSON")
+    if response.status_code != 200:
+        _fail(f"{response.status_code} {answer.get('error')}: {answer.get('detail')}")
+    return answer
 
 
 def _settings(**overrides: object) -> Settings:

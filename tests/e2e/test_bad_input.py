@@ -110,7 +110,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
         "unsupported_media_type",
     ),
     (
-        "attachment",
+        "multipart without events",
         "/sse/chat",
         {
             "files": {"files": ("a.txt", b"hi")},
@@ -118,7 +118,46 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
             "headers": auth("alice"),
         },
         400,
-        "attachment_rejected",
+        "missing_external_events",
+    ),
+    (
+        "multipart with files first",
+        "/sse/chat",
+        {
+            "content": (
+                b"--b\r\nContent-Disposition: form-data; name=files;"
+                b' filename="a.txt"\r\n\r\nhi\r\n--b--\r\n'
+            ),
+            "headers": {
+                "Content-Type": "multipart/form-data; boundary=b",
+                **auth("alice"),
+            },
+        },
+        400,
+        "missing_external_events",
+    ),
+    (
+        "multipart cut short",
+        "/sse/chat",
+        {
+            "content": b"--b\r\nContent-Disposition: form-data; name=event_sub",
+            "headers": {
+                "Content-Type": "multipart/form-data; boundary=b",
+                **auth("alice"),
+            },
+        },
+        400,
+        "invalid_request",
+    ),
+    (
+        "multipart without a boundary",
+        "/sse/chat",
+        {
+            "content": b"whatever",
+            "headers": {"Content-Type": "multipart/form-data", **auth("alice")},
+        },
+        400,
+        "invalid_request",
     ),
     (
         "not a dev token",

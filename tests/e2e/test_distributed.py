@@ -28,6 +28,7 @@ from tests.helpers import (
     backend_settings,
     clean_backend,
     open_stream,
+    storage_environment,
     submit,
     write_bundles,
 )
@@ -97,6 +98,7 @@ async def cluster(tmp_path: Path, **env: str) -> AsyncIterator[Cluster]:
         "KDCUBE_HOME": str(tmp_path / "home"),
         # Well inside the clients' 10 s read timeout.
         "KDCUBE_SSE_KEEPALIVE_S": "2",
+        **storage_environment(settings),
         **env,
     }
     running = Cluster(tmp_path, environment, [])

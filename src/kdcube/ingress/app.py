@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 import anyio
 import structlog
@@ -10,24 +12,39 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from kdcube.bus import BusUnavailable, CancelOutcome, TurnJob, parse_event_id
+from kdcube.gateway import Backpressure, Breakers, CircuitOpen
+from kdcube.gateway.guarded import GuardedStore
 from kdcube.identity import Identity
+from kdcube.identity.extract import TokenCookies
 from kdcube.ingress import requests
+from kdcube.ingress.admin import AdminRoutes
+from kdcube.ingress.guard import Guard, circuit_open_error
 from kdcube.ingress.streams import StreamHub, StreamStart
 from kdcube.proc.ending import Ending, emitter_for, end_turn
 from kdcube.runtime.platform import Platform
+from kdcube.storage.layout import Layout
 from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn, StoreUnavailable
+from kdcube.store.ports import TurnRecord
+from kdcube.uploads.download import attachment_response
+from kdcube.uploads.filetypes import MAX_MESSAGE_BYTES
+from kdcube.uploads.flow import StreamedBodies, is_multipart_post
+from kdcube.uploads.intake import Intake, StoredFile
+from kdcube.uploads.multipart import MalformedMultipart
+from kdcube.uploads.parts import open_parts
 from kdcube.wire import events, sse
 from kdcube.wire.errors import ApiError, bad_request, draining, not_found
 from kdcube.wire.events import Route, TurnAddress, now_ms
 from kdcube.wire.ids import new_id
-from kdcube.wire.submission import parse_submission
+from kdcube.wire.submission import CheckedSubmission, Submission, parse_submission
 
 log = structlog.get_logger("kdcube.ingress")
 
 Json = dict[str, Any]
+Handler = Callable[..., Awaitable[Any]]
 
 _DEPENDENCY_RETRY_S = 5
 _ABANDON_S = 5.0
+_DOWNLOAD_URL_TTL_S = 300
 
 
 def create_ingress_app(
@@ -40,6 +57,10 @@ def create_ingress_app(
     routes.register_health(app)
     if chat:
         routes.register_chat(app)
+        # Uploads stream into storage; Quart alone would buffer them whole.
+        app.asgi_app = StreamedBodies(  # type: ignore[method-assign]
+            app.asgi_app, is_multipart_post("/sse/chat")
+        )
     return app
 
 
@@ -56,8 +77,30 @@ class _IngressRoutes:
         self.platform = platform
         self.settings = platform.settings
         self.bus = platform.bus
-        self.store = platform.store
         self.hub = hub
+        gateway = platform.gateway
+        breakers = Breakers(gateway.breaker_store, gateway.board.current)
+        backpressure = Backpressure(
+            platform.bus.queue,
+            platform.bus.state,
+            lambda: gateway.board.current().backpressure,
+        )
+        self.guard = Guard(
+            gateway,
+            backpressure,
+            breakers,
+            platform.bus.relay,
+            tenant=platform.settings.tenant,
+            project=platform.settings.project,
+        )
+        self.store = GuardedStore(platform.store, breakers["postgres"])
+        self.admin = AdminRoutes(
+            self._identify,
+            gateway.board,
+            breakers,
+        )
+        self.layout = Layout(platform.settings.tenant, platform.settings.project)
+        self.cookie_names = TokenCookies.from_settings(platform.settings)
 
     def register_health(self, app: Quart) -> None:
         app.add_url_rule("/health", view_func=self.health, methods=["GET"])
@@ -66,6 +109,8 @@ class _IngressRoutes:
         app.register_error_handler(HTTPException, _http_error)
         app.register_error_handler(BusUnavailable, self._bus_down)
         app.register_error_handler(StoreUnavailable, self._store_down)
+        app.register_error_handler(MalformedMultipart, _malformed_body)
+        app.register_error_handler(CircuitOpen, _circuit_open)
         app.register_error_handler(Exception, _unexpected_error)
 
     async def _bus_down(
@@ -94,26 +139,53 @@ class _IngressRoutes:
         return refusal.body(), refusal.status, refusal.headers()
 
     def register_chat(self, app: Quart) -> None:
-        app.add_url_rule("/sse/stream", view_func=self.stream, methods=["GET"])
-        app.add_url_rule("/sse/chat", view_func=self.chat, methods=["POST"])
-        app.add_url_rule("/sse/cancel", view_func=self.cancel, methods=["POST"])
+        self.admin.register(app)
         app.add_url_rule(
-            "/sse/conv_status.get", view_func=self.conv_status, methods=["POST"]
+            "/sse/stream", view_func=self._needs_redis(self.stream), methods=["GET"]
         )
         app.add_url_rule(
-            "/api/conversations", view_func=self.list_conversations, methods=["GET"]
+            "/sse/chat", view_func=self._needs_redis(self.chat), methods=["POST"]
+        )
+        app.add_url_rule(
+            "/sse/cancel", view_func=self._needs_redis(self.cancel), methods=["POST"]
+        )
+        app.add_url_rule(
+            "/sse/conv_status.get",
+            view_func=self._needs_redis(self.conv_status),
+            methods=["POST"],
+        )
+        app.add_url_rule(
+            "/api/conversations",
+            view_func=self._needs_redis(self.list_conversations),
+            methods=["GET"],
         )
         app.add_url_rule(
             "/api/conversations/<conversation_id>",
-            view_func=self.get_conversation,
+            view_func=self._needs_redis(self.get_conversation),
             methods=["GET"],
         )
         app.add_url_rule(
             "/api/conversations/<conversation_id>",
             endpoint="delete_conversation",
-            view_func=self.delete_conversation,
+            view_func=self._needs_redis(self.delete_conversation),
             methods=["DELETE"],
         )
+        app.add_url_rule(
+            "/api/conversations/<conversation_id>/turns/<turn_id>/attachments/<path:name>",
+            view_func=self._needs_redis(self.download_attachment),
+            methods=["GET"],
+        )
+
+    def _needs_redis(self, handler: Handler) -> Handler:
+        """Run ``handler`` under the Redis breaker: while Redis is known to
+        be down, requests are refused at once instead of each timing out."""
+
+        @functools.wraps(handler)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            async with self.guard.redis():
+                return await handler(*args, **kwargs)
+
+        return guarded
 
     async def health(self) -> tuple[Json, int]:
         return {"status": "ok"}, 200
@@ -122,13 +194,30 @@ class _IngressRoutes:
         status, body = self.platform.health.readiness()
         return body, status
 
+    async def _identify(self) -> Identity:
+        return await requests.identify(
+            request, self.platform.authenticator, self.cookie_names
+        )
+
+    async def _session_of(self, identity: Identity) -> str:
+        return await self.bus.state.session_for(
+            identity.session_key, ttl_s=self.settings.session_ttl_s
+        )
+
+    async def _reader(self) -> Identity:
+        """The caller of a request that reads or controls, within its rate limit."""
+        identity = await self._identify()
+        await self.guard.admit_read(identity, await self._session_of(identity))
+        return identity
+
     def _refuse_when_draining(self) -> None:
         if self.platform.health.draining:
             raise draining()
 
     async def stream(self) -> Response:
         self._refuse_when_draining()
-        identity = await requests.identify(request, self.platform.authenticator)
+        self.guard.admit_stream(self.hub.connections)
+        identity = await self._identify()
         stream_id = requests.client_id(
             request.args.get("stream_id"), "stream_id", required=True
         )
@@ -143,9 +232,7 @@ class _IngressRoutes:
                     "Last-Event-ID must be an event id this server sent.",
                 ) from None
 
-        session_id = await self.bus.state.session_for(
-            identity.session_key, ttl_s=self.settings.session_ttl_s
-        )
+        session_id = await self._session_of(identity)
         cursor = resume_from or await self.bus.relay.position(session_id)
         ready = {
             "session_id": session_id,
@@ -161,13 +248,54 @@ class _IngressRoutes:
 
     async def chat(self) -> tuple[Json, int]:
         self._refuse_when_draining()
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._identify()
         stream_id = requests.client_id(
             request.args.get("stream_id"), "stream_id", required=False
         )
-        submission = parse_submission(await requests.submission_body(request))
-        self._check_project(submission.tenant, submission.project)
+        caller = Caller(identity, await self._session_of(identity), stream_id)
+        await self.guard.admit_chat(identity, caller.session_id, stream_id)
+        if request.mimetype == "multipart/form-data":
+            return await self._chat_with_files(caller)
 
+        submission = parse_submission(await requests.json_body(request))
+        checked = self._check_submission(submission)
+        return await self._submit(caller, checked, turn_id=new_id())
+
+    async def _chat_with_files(self, caller: Caller) -> tuple[Json, int]:
+        """A submission whose files are stored and scanned before the turn is
+        recorded, so a refused file leaves no turn behind."""
+        parts = open_parts(request, max_message_bytes=MAX_MESSAGE_BYTES)
+        raw = await parts.submission(self.settings.max_body_bytes)
+        checked = self._check_submission(parse_submission(requests.parse_json(raw)))
+        identity = caller.identity
+        if checked.requested_conversation is not None:
+            await self._check_owner(identity, checked.requested_conversation)
+
+        turn_id = new_id()
+        prefix = self.layout.turn_prefix(
+            "attachments", identity.user_id, checked.conversation_id, turn_id
+        )
+        intake = Intake(
+            self.platform.storage,
+            self.platform.scanner,
+            prefix,
+            budget=MAX_MESSAGE_BYTES,
+            breaker=self.guard.breakers["clamd"],
+        )
+        intake.charge(len(checked.prompt.encode()), "The prompt")
+        try:
+            async for file_name, chunks in parts.files():
+                await intake.take(file_name, chunks)
+            return await self._submit(
+                caller, checked, turn_id=turn_id, files=intake.files
+            )
+        except BaseException:
+            if intake.files:
+                await intake.discard()
+            raise
+
+    def _check_submission(self, submission: Submission) -> CheckedSubmission:
+        self._check_project(submission.tenant, submission.project)
         prompt = submission.prompt()
         if len(prompt) > self.settings.max_prompt_chars:
             raise bad_request(
@@ -182,19 +310,43 @@ class _IngressRoutes:
         requested = requests.client_id(
             submission.conversation_id, "conversation_id", required=False
         )
-        conversation_id = requested or new_id()
-        session_id = await self.bus.state.session_for(
-            identity.session_key, ttl_s=self.settings.session_ttl_s
+        return CheckedSubmission(
+            submission=submission,
+            prompt=prompt,
+            bundle_id=spec.id,
+            requested_conversation=requested,
+            conversation_id=requested or new_id(),
         )
+
+    async def _check_owner(self, identity: Identity, conversation_id: str) -> None:
+        try:
+            await self.store.unfinished_turns(identity.user_id, conversation_id)
+        except ConversationNotFound:
+            raise not_found("conversation") from None
+
+    async def _submit(
+        self,
+        caller: Caller,
+        checked: CheckedSubmission,
+        *,
+        turn_id: str,
+        files: Sequence[StoredFile] = (),
+    ) -> tuple[Json, int]:
+        identity, session_id, stream_id = caller
+        submission = checked.submission
+        conversation_id = checked.conversation_id
+        prompt = checked.prompt
+        attachments = [stored.record() for stored in files]
         new = NewTurn(
             user_id=identity.user_id,
             conversation_id=conversation_id,
-            create_conversation=requested is None,
-            bundle_id=spec.id,
-            turn_id=new_id(),
+            create_conversation=checked.requested_conversation is None,
+            bundle_id=checked.bundle_id,
+            turn_id=turn_id,
             request_id=new_id(),
             message_kind=submission.message_kind,
             prompt=prompt,
+            attachments=tuple(attachments),
         )
         try:
             result = await self.store.submit_turn(new)
@@ -232,11 +384,12 @@ class _IngressRoutes:
             project=self.settings.project,
             user_id=identity.user_id,
             user_type=identity.user_type.value,
-            bundle_id=spec.id,
+            bundle_id=checked.bundle_id,
             prompt=prompt,
             message_kind=submission.message_kind,
             enqueued_at_ms=now_ms(),
             announced=not result.busy,
+            attachments=attachments,
         )
         await self._enqueue(job)
         return {
@@ -248,7 +401,7 @@ class _IngressRoutes:
         }, 200
 
     async def cancel(self) -> tuple[Json, int]:
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._reader()
         body = await requests.json_body(request)
         conversation_id = _required_field(body, "conversation_id")
         turn_id = body.get("turn_id") if isinstance(body, dict) else None
@@ -269,7 +422,9 @@ class _IngressRoutes:
         return {"status": "cancel_requested"}, 202
 
     async def conv_status(self) -> tuple[Json, int]:
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._identify()
+        session_id = await self._session_of(identity)
+        await self.guard.admit_read(identity, session_id)
         stream_id = requests.client_id(
             request.args.get("stream_id"), "stream_id", required=False
         )
@@ -283,9 +438,6 @@ class _IngressRoutes:
         except ConversationNotFound:
             raise not_found("conversation") from None
 
-        session_id = await self.bus.state.session_for(
-            identity.session_key, ttl_s=self.settings.session_ttl_s
-        )
         updated_at = events.iso(summary.updated_at)
         await self._publish_status(
             identity,
@@ -304,12 +456,12 @@ class _IngressRoutes:
         }, 200
 
     async def list_conversations(self) -> tuple[Json, int]:
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._reader()
         found = await self.store.conversations(identity.user_id)
         return {"conversations": [c.to_json() for c in found]}, 200
 
     async def get_conversation(self, conversation_id: str) -> tuple[Json, int]:
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._reader()
         try:
             detail = await self.store.conversation(identity.user_id, conversation_id)
         except ConversationNotFound:
@@ -317,7 +469,7 @@ class _IngressRoutes:
         return detail.to_json(), 200
 
     async def delete_conversation(self, conversation_id: str) -> tuple[Json, int]:
-        identity = await requests.identify(request, self.platform.authenticator)
+        identity = await self._reader()
         outcome = await self.store.delete_conversation(
             identity.user_id, conversation_id
         )
@@ -330,6 +482,28 @@ class _IngressRoutes:
                 "A turn is queued or running; cancel it first.",
             )
         return {"status": "deleted", "conversation_id": conversation_id}, 200
+
+    async def download_attachment(
+        self, conversation_id: str, turn_id: str, name: str
+    ) -> Response:
+        identity = await self._reader()
+        try:
+            detail = await self.store.conversation(identity.user_id, conversation_id)
+        except ConversationNotFound:
+            raise not_found("attachment") from None
+        record = _attachment_record(detail.turns, turn_id, name)
+        if record is None:
+            raise not_found("attachment")
+
+        key = self.layout.turn_prefix(
+            "attachments", identity.user_id, conversation_id, turn_id
+        ) + str(record["name"])
+        url = await self.platform.storage.download_url(
+            key, expires_s=_DOWNLOAD_URL_TTL_S
+        )
+        if url is not None:
+            return Response("", status=302, headers={"Location": url})
+        return await attachment_response(self.platform.storage, key, record)
 
     async def _enqueue(self, job: TurnJob) -> None:
         """Queue the recorded turn; if that fails, end it before refusing.
@@ -403,6 +577,24 @@ class _IngressRoutes:
             )
 
 
+def _attachment_record(
+    turns: list[TurnRecord], turn_id: str, name: str
+) -> dict[str, Any] | None:
+    for turn in turns:
+        if turn.turn_id != turn_id:
+            continue
+        for record in turn.attachments:
+            if record.get("name") == name:
+                return record
+    return None
+
+
+class Caller(NamedTuple):
+    identity: Identity
+    session_id: str
+    stream_id: str | None
+
+
 def _ack_status(busy: bool, message_kind: str) -> str:
     if not busy:
         return "processing_started"
@@ -414,6 +606,15 @@ def _required_field(body: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise bad_request(f"missing_{name}", f"The body must name a {name}.")
     return value
+
+
+async def _circuit_open(error: CircuitOpen) -> tuple[Json, int, dict[str, str]]:
+    refusal = circuit_open_error(error)
+    return refusal.body(), refusal.status, refusal.headers()
+
+
+async def _malformed_body(error: MalformedMultipart) -> tuple[Json, int]:
+    return bad_request("invalid_request", str(error)).body(), 400
 
 
 async def _api_error(error: ApiError) -> tuple[Json, int, dict[str, str]]:

@@ -6,21 +6,32 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from urllib.parse import unquote, urlparse
+
+import structlog
 
 from kdcube.bundles import BundleRegistry, default_registry, read_registry
 from kdcube.bus import Bus
 from kdcube.bus.memory import open_memory_bus
 from kdcube.config import ConfigError, Settings
-from kdcube.identity import DevAuthenticator
+from kdcube.gateway import (
+    GatewayBackends,
+    GatewayConfig,
+    InvalidGatewayConfig,
+    default_gateway_config,
+    load_gateway_config,
+    open_gateway_backends,
+)
+from kdcube.identity.factory import open_authenticator
 from kdcube.identity.model import Authenticator
 from kdcube.runtime.dependencies import Dependency
 from kdcube.runtime.health import Health
-from kdcube.storage import Storage
-from kdcube.storage.local import LocalStorage
+from kdcube.storage import Storage, StorageError
+from kdcube.storage.open import open_storage
 from kdcube.store import Store
 from kdcube.store.sqlite import open_sqlite_store
+from kdcube.uploads import Scanner, ScannerConfigError, scanner_from
+
+log = structlog.get_logger("kdcube.runtime")
 
 
 @dataclass
@@ -29,8 +40,10 @@ class Platform:
     bus: Bus
     store: Store
     storage: Storage
+    scanner: Scanner
     registry: BundleRegistry
     authenticator: Authenticator
+    gateway: GatewayBackends
     bus_name: str
     store_name: str
     health: Health = field(default_factory=Health)
@@ -51,22 +64,42 @@ def load_registry(settings: Settings) -> BundleRegistry:
     return read_registry(settings.bundles)
 
 
-def open_storage(settings: Settings) -> Storage:
-    url = urlparse(settings.storage_url())
-    if url.scheme == "file":
-        return LocalStorage(Path(unquote(url.path)))
-    raise ConfigError(
-        "invalid KDCUBE_STORAGE_PATH: S3 storage is not available in this version;"
-        " use a file:// URL"
-    )
+async def _open_storage(stack: AsyncExitStack, settings: Settings) -> Storage:
+    try:
+        return await stack.enter_async_context(
+            open_storage(settings.storage_url(), endpoint_url=settings.s3_endpoint_url)
+        )
+    except StorageError as exc:
+        raise ConfigError(f"invalid KDCUBE_STORAGE_PATH: {exc}") from None
 
 
-def choose_authenticator(settings: Settings) -> Authenticator:
-    if settings.auth in (None, "dev"):
-        return DevAuthenticator()
-    raise ConfigError(
-        "invalid KDCUBE_AUTH: oidc is not available in this version; use dev"
-    )
+def load_gateway_baseline(settings: Settings) -> GatewayConfig:
+    """The gateway config this process starts from (``KDCUBE_GATEWAY_CONFIG``);
+    a config applied live over the bus replaces it once read."""
+    if settings.gateway_config is None:
+        return default_gateway_config()
+    try:
+        return load_gateway_config(settings.gateway_config)
+    except InvalidGatewayConfig as exc:
+        raise ConfigError(f"invalid KDCUBE_GATEWAY_CONFIG: {exc}") from None
+
+
+def choose_scanner(settings: Settings) -> Scanner:
+    try:
+        scanner = scanner_from(
+            settings.clamd,
+            policy=settings.clamd_policy,
+            timeout_s=settings.clamd_timeout_s,
+        )
+    except ScannerConfigError as exc:
+        raise ConfigError(
+            f"invalid KDCUBE_CLAMD or KDCUBE_CLAMD_POLICY: {exc}"
+        ) from None
+    if scanner.policy == "off":
+        log.warning("uploads.scanning_off", reason="no KDCUBE_CLAMD configured")
+    else:
+        log.info("uploads.scanning", clamd=settings.clamd, policy=scanner.policy)
+    return scanner
 
 
 @asynccontextmanager
@@ -74,9 +107,11 @@ async def open_platform(settings: Settings) -> AsyncIterator[Platform]:
     """Open the backends: Redis and Postgres when both are configured, else
     the embedded ones (in-memory bus, SQLite)."""
     registry = load_registry(settings)
-    storage = open_storage(settings)
-    authenticator = choose_authenticator(settings)
+    scanner = choose_scanner(settings)
+    baseline = load_gateway_baseline(settings)
     async with AsyncExitStack() as stack:
+        storage = await _open_storage(stack, settings)
+        authenticator = await stack.enter_async_context(open_authenticator(settings))
         if settings.distributed:
             bus, store = await _open_distributed(stack, settings)
             names = ("redis", "postgres")
@@ -84,7 +119,20 @@ async def open_platform(settings: Settings) -> AsyncIterator[Platform]:
             _refuse_half_distributed(settings)
             bus, store = await _open_embedded(stack, settings)
             names = ("memory", "sqlite")
-        yield Platform(settings, bus, store, storage, registry, authenticator, *names)
+        gateway = await stack.enter_async_context(
+            open_gateway_backends(bus, baseline, redis_url=settings.redis_url)
+        )
+        yield Platform(
+            settings,
+            bus,
+            store,
+            storage,
+            scanner,
+            registry,
+            authenticator,
+            gateway,
+            *names,
+        )
 
 
 async def _open_embedded(

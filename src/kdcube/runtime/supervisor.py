@@ -87,24 +87,22 @@ class Supervisor:
                 )
                 http_closed = anyio.Event()
                 config = hypercorn_config(self._host, self._port)
-                urls = await root.start(
-                    partial(serve_http, app, config, shutdown=http_closed)
-                )
-                watching = anyio.CancelScope()
-                root.start_soon(self._watch_dependencies, platform, watching)
-                task_status.started(Running(urls, platform, processor, hub))
+                async with anyio.create_task_group() as watchers:
+                    # The live gateway config is read before the first request.
+                    await watchers.start(platform.gateway.board.watch)
+                    urls = await root.start(
+                        partial(serve_http, app, config, shutdown=http_closed)
+                    )
+                    dependencies = platform.dependencies()
+                    if dependencies:
+                        watchers.start_soon(
+                            watch_dependencies, platform.health, dependencies
+                        )
+                    task_status.started(Running(urls, platform, processor, hub))
 
-                await self._stop_requested.wait()
-                await self._drain(platform, processor, hub, http_closed)
-                watching.cancel()
-
-    async def _watch_dependencies(
-        self, platform: Platform, scope: anyio.CancelScope
-    ) -> None:
-        dependencies = platform.dependencies()
-        with scope:
-            if dependencies:
-                await watch_dependencies(platform.health, dependencies)
+                    await self._stop_requested.wait()
+                    await self._drain(platform, processor, hub, http_closed)
+                    watchers.cancel_scope.cancel()
 
     async def _start_processor(
         self, root: anyio.abc.TaskGroup, platform: Platform

@@ -16,11 +16,12 @@ from typing import Any
 import anyio
 import structlog
 
+from kdcube.gateway import CircuitBreaker, CircuitOpen
 from kdcube.groups import sole_exception
 from kdcube.storage import Storage
 from kdcube.storage.layout import safe_file_name, unique_name
 from kdcube.uploads.filetypes import HEAD_BYTES, FileType, Rejected, classify
-from kdcube.uploads.scanner import Scanner
+from kdcube.uploads.scanner import NoScanner, Scanner, Verdict
 from kdcube.wire.errors import ApiError
 
 log = structlog.get_logger("kdcube.uploads")
@@ -58,10 +59,17 @@ class Intake:
     """The files of one message, stored under the turn's folder ``prefix``."""
 
     def __init__(
-        self, storage: Storage, scanner: Scanner, prefix: str, *, budget: int
+        self,
+        storage: Storage,
+        scanner: Scanner,
+        prefix: str,
+        *,
+        budget: int,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._storage = storage
         self._scanner = scanner
+        self._breaker = breaker
         self._prefix = prefix
         self._budget = budget
         self._names: set[str] = set()
@@ -91,7 +99,12 @@ class Intake:
             raise rejected(name, str(exc)) from None
 
         self._names.add(name)
-        size, scan = await self._store(name, file_type, head, chunks, more)
+        size, verdict = await self._store(name, file_type, head, chunks, more)
+        if not verdict.passed:
+            await self._delete(self._prefix + name)
+            raise rejected(name, verdict.reason)
+
+        scan = verdict.label
         stored = StoredFile(name, file_type.mime, size, scan)
         self.files.append(stored)
         log.info("upload.stored", name=name, mime=file_type.mime, size=size, scan=scan)
@@ -104,8 +117,35 @@ class Intake:
         head: bytes,
         chunks: AsyncIterator[bytes],
         more: bool,
-    ) -> tuple[int, str]:
-        key = self._prefix + name
+    ) -> tuple[int, Verdict]:
+        """Store and scan under the clamd breaker: failures of clamd itself
+        open it, and while it is open a ``required`` scan is refused at once
+        (CircuitOpen, a 503) and a ``best_effort`` one is skipped."""
+        file = _Upload(name, file_type, head, chunks, more)
+        if self._breaker is None or self._scanner.policy == "off":
+            return await self._store_and_scan(file, self._scanner)
+
+        try:
+            async with self._breaker.guard(failures=(_ScannerFault,)):
+                size, verdict = await self._store_and_scan(file, self._scanner)
+                if verdict.scanner_fault:
+                    raise _ScannerFault(size, verdict)
+                return size, verdict
+        except _ScannerFault as fault:
+            return fault.size, fault.verdict
+        except CircuitOpen:
+            if self._scanner.policy != "best_effort":
+                raise
+            log.warning("upload.scan_skipped", name=name, reason="clamd breaker open")
+            size, _ = await self._store_and_scan(file, NoScanner())
+            return size, Verdict(
+                "failed", passed=True, detail="clamd is failing", scanner_fault=True
+            )
+
+    async def _store_and_scan(
+        self, file: _Upload, scanner: Scanner
+    ) -> tuple[int, Verdict]:
+        key = self._prefix + file.name
         send, receive = anyio.create_memory_object_stream[bytes](_PIPE_CHUNKS)
         size = 0
 
@@ -116,15 +156,15 @@ class Intake:
 
         try:
             async with (
-                self._scanner.scan(name) as scan,
+                scanner.scan(file.name) as scan,
                 anyio.create_task_group() as tasks,
             ):
                 tasks.start_soon(self._storage.put, key, body())
                 async with send:
-                    async for chunk in _prepend(head, chunks, more):
+                    async for chunk in file.chunks():
                         size += len(chunk)
-                        self._check_size(name, file_type, size)
-                        self.charge(len(chunk), name)
+                        self._check_size(file.name, file.file_type, size)
+                        self.charge(len(chunk), file.name)
                         await scan.feed(chunk)
                         await send.send(chunk)
                 verdict = await scan.verdict()
@@ -132,10 +172,7 @@ class Intake:
             sole = sole_exception(group)
             raise (sole or group) from None
 
-        if not verdict.passed:
-            await self._delete(key)
-            raise rejected(name, verdict.reason)
-        return size, verdict.label
+        return size, verdict
 
     def _check_size(self, name: str, file_type: FileType, size: int) -> None:
         if size > file_type.max_bytes:
@@ -159,6 +196,32 @@ class Intake:
             log.warning("upload.discard_timed_out", prefix=self._prefix)
 
 
+@dataclass(slots=True)
+class _Upload:
+    """One file part: its first bytes, already read, and the rest to come."""
+
+    name: str
+    file_type: FileType
+    head: bytes
+    rest: AsyncIterator[bytes]
+    more: bool
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.head
+        if self.more:
+            async for chunk in self.rest:
+                yield chunk
+
+
+class _ScannerFault(Exception):
+    """clamd failed on a file; counted by the breaker, not raised further."""
+
+    def __init__(self, size: int, verdict: Verdict) -> None:
+        super().__init__(verdict.detail)
+        self.size = size
+        self.verdict = verdict
+
+
 async def _read_head(chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
     """The first bytes of a file, enough to tell its type; and whether more follow."""
     head = bytearray()
@@ -167,12 +230,3 @@ async def _read_head(chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
         if len(head) >= HEAD_BYTES:
             return bytes(head), True
     return bytes(head), False
-
-
-async def _prepend(
-    head: bytes, chunks: AsyncIterator[bytes], more: bool
-) -> AsyncIterator[bytes]:
-    yield head
-    if more:
-        async for chunk in chunks:
-            yield chunk

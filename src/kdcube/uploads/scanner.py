@@ -75,6 +75,8 @@ class Verdict:
     outcome: Outcome
     passed: bool
     detail: str = ""
+    scanner_fault: bool = False
+    """Whether clamd itself failed (down, slow, confused), not the file."""
 
     @property
     def label(self) -> str:
@@ -377,7 +379,10 @@ class _ClamdScan:
 
     def _failed(self, cause: str) -> Verdict:
         return Verdict(
-            "failed", passed=self._scanner.policy == "best_effort", detail=cause
+            "failed",
+            passed=self._scanner.policy == "best_effort",
+            detail=cause,
+            scanner_fault=True,
         )
 
     def _log(self, verdict: Verdict) -> None:
