@@ -36,6 +36,7 @@ def write_bundles(folder: Path) -> Path:
         {"id": "sleeper", "path": str(tests / "sleeper")},
         {"id": "failing", "path": str(tests / "failing")},
         {"id": "quiet", "path": str(tests / "quiet")},
+        {"id": "reader", "path": str(tests / "reader")},
     ]
     path = folder / "bundles.yaml"
     path.write_text(

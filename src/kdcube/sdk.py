@@ -14,15 +14,36 @@ its turns dies mid-turn (otherwise that turn ends as ``turn_interrupted``).
 A cancelled turn
 (user cancel, watchdog, shutdown) reaches the bundle as ordinary cancellation,
 so ``finally`` blocks and ``async with`` exits run as usual.
+
+Files the user sent with the prompt are listed in ``ctx.attachments`` (already
+type-checked and virus-scanned) and read with ``ctx.open_attachment(name)``,
+chunk by chunk, or ``await ctx.read_attachment(name)`` for small ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["BundleRun", "Emitter", "TurnContext"]
+__all__ = ["Attachment", "BundleRun", "Emitter", "TurnContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file of the turn's message, as its record lists it."""
+
+    name: str
+    mime: str
+    size: int
+
+
+AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
+
+
+async def _no_files(name: str) -> AsyncIterator[bytes]:
+    raise LookupError(f"this turn has no attachment {name!r}")
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 class Emitter(Protocol):
@@ -54,6 +75,19 @@ class TurnContext:
     prompt: str
     config: Mapping[str, Any]
     emit: Emitter
+    attachments: Sequence[Attachment] = ()
+    opener: AttachmentOpener = _no_files
+
+    def open_attachment(self, name: str) -> AsyncIterator[bytes]:
+        """Stream an attachment's bytes; LookupError when the turn has none by
+        that name."""
+        if not any(attachment.name == name for attachment in self.attachments):
+            raise LookupError(f"this turn has no attachment {name!r}")
+        return self.opener(name)
+
+    async def read_attachment(self, name: str) -> bytes:
+        """An attachment's bytes at once (at most 25 MB by the upload caps)."""
+        return b"".join([chunk async for chunk in self.open_attachment(name)])
 
     async def delta(self, text: str, *, marker: str = "answer") -> None:
         """Stream a piece of text; ``marker`` names the channel (answer, thinking)."""

@@ -6,6 +6,7 @@ for a refused message is gone, and no turn or conversation is recorded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zlib
@@ -132,6 +133,31 @@ async def test_files_are_stored_listed_and_served_to_their_owner_only(
         assert own.headers["x-content-type-options"] == "nosniff"
     assert [r.status_code for r in (other, anonymous, missing)] == [404, 404, 404]
     assert other.json()["error"] == "attachment_not_found"
+
+
+async def test_the_bundle_reads_exactly_the_bytes_sent(
+    tmp_path: Path, clamd: ClamdUrls
+) -> None:
+    notes = "naïve café\n".encode() * 20_000
+    image = png(300_000)
+    async with (
+        serve(tmp_path, clamd=clamd.get("tcp")) as server,
+        open_stream(server.client, "alice") as stream,
+    ):
+        response = await send(
+            server,
+            "alice",
+            [("notes.txt", notes), ("cat.png", image)],
+            bundle_id="reader",
+        )
+        assert response.status_code == 200, response.text
+        events = await stream.turn(response.json()["turn_id"])
+
+    [complete] = [e for e in events if e.route == "chat_complete"]
+    assert complete.data["data"]["final_answer"].splitlines() == [
+        f"notes.txt text/plain {len(notes)} {hashlib.sha256(notes).hexdigest()}",
+        f"cat.png image/png {len(image)} {hashlib.sha256(image).hexdigest()}",
+    ]
 
 
 async def test_an_infected_file_refuses_the_whole_message(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,10 +20,12 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from kdcube.bundles import LoadedBundle
-from kdcube.bus import Bus, BusError, Claim, LeaseLost
+from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
-from kdcube.sdk import TurnContext
+from kdcube.sdk import Attachment, AttachmentOpener, TurnContext
+from kdcube.storage import Storage
+from kdcube.storage.layout import Layout
 from kdcube.store import Store, StoreUnavailable
 from kdcube.wire.ids import new_id
 
@@ -67,9 +70,12 @@ class Processor:
         store: Store,
         bundles: dict[str, LoadedBundle],
         options: ProcessorOptions,
+        *,
+        storage: Storage | None = None,
     ) -> None:
         self._bus = bus
         self._store = store
+        self._storage = storage
         self._bundles = bundles
         self._options = options
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
@@ -260,6 +266,20 @@ class Processor:
             once=f"{turn_id}:rerun",
         )
 
+    def _attachment_opener(self, job: TurnJob) -> AttachmentOpener:
+        layout = Layout(job.tenant, job.project)
+        prefix = layout.turn_prefix(
+            "attachments", job.user_id, job.conversation_id, job.turn_id
+        )
+        storage = self._storage
+
+        def open_attachment(name: str) -> AsyncIterator[bytes]:
+            if storage is None:
+                raise LookupError("this processor has no storage for attachments")
+            return storage.get(prefix + name)
+
+        return open_attachment
+
     async def _run_bundle(
         self, turn: _RunningTurn, bundle: LoadedBundle, emitter: TurnEmitter
     ) -> Ending | None:
@@ -277,6 +297,11 @@ class Processor:
             prompt=job.prompt,
             config=bundle.config,
             emit=emitter,
+            attachments=[
+                Attachment(str(a["name"]), str(a["mime"]), int(a["size"]))
+                for a in job.attachments
+            ],
+            opener=self._attachment_opener(job),
         )
         ending: Ending | None = None
         with turn.scope:

@@ -118,7 +118,9 @@ class Supervisor:
             wall_timeout_s=self._settings.turn_wall_timeout_s,
             drain_timeout_s=self._settings.drain_timeout_s,
         )
-        processor = Processor(platform.bus, platform.store, bundles, options)
+        processor = Processor(
+            platform.bus, platform.store, bundles, options, storage=platform.storage
+        )
         await root.start(processor.serve)
         return processor
 
