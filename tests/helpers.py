@@ -37,6 +37,11 @@ def write_bundles(folder: Path) -> Path:
         {"id": "failing", "path": str(tests / "failing")},
         {"id": "quiet", "path": str(tests / "quiet")},
         {"id": "reader", "path": str(tests / "reader")},
+        {
+            "id": "asyncio",
+            "path": str(tests / "asyncio_words"),
+            "config": {"marker": str(folder / "asyncio-cancelled")},
+        },
     ]
     path = folder / "bundles.yaml"
     path.write_text(

@@ -20,6 +20,7 @@ from kdcube.bundles.registry import BundleSpec
 from kdcube.sdk import BundleRun
 
 _PACKAGE_ROOT = "kdcube_loaded_bundles"
+_EVENT_LOOPS = frozenset({"anyio", "asyncio"})
 _load_numbers = itertools.count(1)
 
 
@@ -35,6 +36,9 @@ class LoadedBundle:
     rerun_safe: bool = False
     """The bundle's ``RERUN_SAFE``: it may run again after a processor died
     mid-turn (it has no effects that must not happen twice)."""
+    on_asyncio: bool = False
+    """The bundle's ``EVENT_LOOP = "asyncio"``: its code needs an asyncio loop
+    (most LLM SDKs do), so under Trio it runs through trio-asyncio."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -56,7 +60,19 @@ def load_bundle(spec: BundleSpec) -> LoadedBundle:
         raise BundleLoadError(
             f"bundle {spec.id!r}: {spec.module} must define `async def run(ctx)`"
         )
-    return LoadedBundle(spec, run, package, bool(getattr(module, "RERUN_SAFE", False)))
+    event_loop = getattr(module, "EVENT_LOOP", "anyio")
+    if event_loop not in _EVENT_LOOPS:
+        raise BundleLoadError(
+            f"bundle {spec.id!r}: EVENT_LOOP must be one of {sorted(_EVENT_LOOPS)},"
+            f" got {event_loop!r}"
+        )
+    return LoadedBundle(
+        spec,
+        run,
+        package,
+        rerun_safe=bool(getattr(module, "RERUN_SAFE", False)),
+        on_asyncio=event_loop == "asyncio",
+    )
 
 
 def _ensure_root_package() -> None:

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from kdcube.bundles import LoadedBundle
 from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
+from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
 from kdcube.sdk import Attachment, AttachmentOpener, TurnContext
@@ -76,6 +77,7 @@ class Processor:
         self._bus = bus
         self._store = store
         self._storage = storage
+        self._asyncio = AsyncioBundles()
         self._bundles = bundles
         self._options = options
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
@@ -105,6 +107,7 @@ class Processor:
 
     async def _serve(self, task_status: TaskStatus[Processor]) -> None:
         async with anyio.create_task_group() as helpers:
+            self._asyncio.host_in(helpers)
             await helpers.start(self._listen_for_cancels)
             helpers.start_soon(self._beat_forever)
             async with anyio.create_task_group() as turns:
@@ -309,7 +312,10 @@ class Processor:
             async with anyio.create_task_group() as guards:
                 guards.start_soon(self._watch_idle, turn, emitter)
                 try:
-                    answer = await bundle.run(context)
+                    if bundle.on_asyncio:
+                        answer = await self._asyncio.run(bundle.run, context)
+                    else:
+                        answer = await bundle.run(context)
                     ending = Ending.completed(answer or "")
                 except Exception as exc:
                     log.error(
