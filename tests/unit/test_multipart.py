@@ -92,3 +92,17 @@ async def test_malformed_bodies_are_refused(body: bytes, boundary: str) -> None:
     with pytest.raises(MalformedMultipart):
         reader = PartReader(pieces(body, []), boundary)
         await read_all(reader)
+
+
+async def test_utf8_file_names_survive() -> None:
+    name = "文件 Ā 😀.txt"
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name=files; filename="'
+        + name.encode()
+        + b'"\r\n\r\nhi\r\n--b--\r\n'
+    )
+    reader = PartReader(pieces(body, []), "b")
+
+    [(headers, content)] = await read_all(reader)
+
+    assert (headers.filename, content) == (name, b"hi")

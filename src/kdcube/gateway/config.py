@@ -31,19 +31,25 @@ UNLIMITED = -1
 """An hourly budget of -1 means no hourly limit."""
 
 
+_HUGE = 10**12
+"""Above any sane setting; stops numbers that overflow the arithmetic."""
+
+
 class InvalidGatewayConfig(Exception):
     """The gateway config cannot be used; the message names the field path."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN would pass most range checks and then break the
+    # arithmetic (or the JSON) that uses them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RateLimit(_Section):
     """One user type's budget: a sliding burst window and an hourly total."""
 
-    hourly: int = Field(ge=UNLIMITED)
-    burst: int = Field(ge=1)
+    hourly: int = Field(ge=UNLIMITED, le=_HUGE)
+    burst: int = Field(ge=1, le=_HUGE)
     burst_window: float = Field(default=60.0, gt=0, le=3600)
     """Seconds; upstream takes whole seconds, fractions help tests."""
 
@@ -104,12 +110,12 @@ class BackpressureConfig(_Section):
     """
 
     capacity_buffer: float = Field(default=0.1, ge=0, lt=1)
-    queue_depth_multiplier: float = Field(default=3.0, gt=0)
+    queue_depth_multiplier: float = Field(default=3.0, gt=0, le=1000)
     anonymous_pressure_threshold: float = Field(default=0.6, gt=0, le=1)
     registered_pressure_threshold: float = Field(default=0.85, gt=0, le=1)
     paid_pressure_threshold: float = Field(default=0.9, gt=0, le=1)
     hard_limit_threshold: float = Field(default=0.98, gt=0, le=1)
-    max_queue_size: int = Field(default=100, ge=0)
+    max_queue_size: int = Field(default=100, ge=0, le=_HUGE)
 
     @model_validator(mode="after")
     def _ordered(self) -> BackpressureConfig:
@@ -126,18 +132,18 @@ class BackpressureConfig(_Section):
 
 
 class Limits(_Section):
-    max_sse_connections_per_instance: int = Field(default=200, ge=1)
+    max_sse_connections_per_instance: int = Field(default=200, ge=1, le=_HUGE)
     """Open SSE streams per ingress process; one more gets 429."""
 
 
 class BreakerSettings(_Section):
     """One circuit breaker; see ``kdcube.gateway.breakers`` for the states."""
 
-    failure_threshold: int = Field(default=10, ge=1)
-    window_s: float = Field(default=60.0, gt=0)
-    recovery_timeout_s: float = Field(default=30.0, gt=0)
-    success_threshold: int = Field(default=3, ge=1)
-    half_open_max_calls: int = Field(default=5, ge=1)
+    failure_threshold: int = Field(default=10, ge=1, le=_HUGE)
+    window_s: float = Field(default=60.0, gt=0, le=86_400)
+    recovery_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
+    success_threshold: int = Field(default=3, ge=1, le=_HUGE)
+    half_open_max_calls: int = Field(default=5, ge=1, le=_HUGE)
 
     @model_validator(mode="after")
     def _can_close(self) -> BreakerSettings:
@@ -180,7 +186,7 @@ _BREAKER_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class Monitoring(_Section):
-    heartbeat_timeout_seconds: float = Field(default=45.0, gt=0)
+    heartbeat_timeout_seconds: float = Field(default=45.0, gt=0, le=86_400)
     """How old a processor heartbeat may be and still count toward capacity.
 
     Known shortcoming: heartbeats expire by the TTL each processor sets on
@@ -257,14 +263,22 @@ def gateway_config_from(document: Any) -> GatewayConfig:
 def parse_gateway_config(text: str) -> GatewayConfig:
     """Parse YAML or JSON (JSON is tried first: its errors read better)."""
     try:
-        document = json.loads(text)
-    except ValueError:
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            reason = " ".join(str(exc).split())
-            raise InvalidGatewayConfig(f"not valid YAML or JSON: {reason}") from None
+        document = _parsed(text)
+    except RecursionError:
+        raise InvalidGatewayConfig("the document nests too deeply") from None
     return gateway_config_from(document)
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise InvalidGatewayConfig(f"not valid YAML or JSON: {reason}") from None
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:

@@ -27,7 +27,7 @@ from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn, StoreUnav
 from kdcube.store.ports import TurnRecord
 from kdcube.uploads.download import attachment_response
 from kdcube.uploads.filetypes import MAX_MESSAGE_BYTES
-from kdcube.uploads.flow import StreamedBodies, is_multipart_post
+from kdcube.uploads.flow import StreamedBodies, gate_of, is_multipart_post
 from kdcube.uploads.intake import Intake, StoredFile
 from kdcube.uploads.multipart import MalformedMultipart
 from kdcube.uploads.parts import open_parts
@@ -112,6 +112,7 @@ class _IngressRoutes:
         app.register_error_handler(MalformedMultipart, _malformed_body)
         app.register_error_handler(CircuitOpen, _circuit_open)
         app.register_error_handler(Exception, _unexpected_error)
+        app.after_request(_close_after_refused_body)
 
     async def _bus_down(
         self, error: BusUnavailable
@@ -606,6 +607,36 @@ def _required_field(body: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise bad_request(f"missing_{name}", f"The body must name a {name}.")
     return value
+
+
+async def _close_after_refused_body(response: Response) -> Response:
+    """Close the connection when the answer goes out before the whole body
+    came in (a refusal, or a route that reads no body).
+
+    Hypercorn's Trio worker then leaves that keep-alive connection waiting
+    for the rest of the body, and the client's next request on it is never
+    answered. Closing costs one reconnect and is always correct.
+    """
+    if _has_body(request) and (
+        response.status_code >= 400 or not _body_received(request)
+    ):
+        response.headers["Connection"] = "close"
+    return response
+
+
+def _body_received(incoming: Any) -> bool:
+    # Quart keeps no public flag for this; its Body sets ``_complete`` once
+    # the last byte arrived. Without it, assume not: closing is the safe side.
+    complete = getattr(incoming.body, "_complete", None)
+    return complete is not None and bool(complete.is_set())
+
+
+def _has_body(incoming: Any) -> bool:
+    headers = incoming.headers
+    if gate_of(incoming.scope) is not None or "Transfer-Encoding" in headers:
+        return True
+    length = headers.get("Content-Length", "0")
+    return not length.isdigit() or int(length) > 0
 
 
 async def _circuit_open(error: CircuitOpen) -> tuple[Json, int, dict[str, str]]:

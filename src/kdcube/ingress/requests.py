@@ -80,6 +80,8 @@ def parse_json(raw: bytes | str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("bad_json", "The body is not valid JSON.") from None
+    except RecursionError:
+        raise bad_request("bad_json", "The body nests JSON too deeply.") from None
 
 
 def last_event_id(request: Request) -> str | None:

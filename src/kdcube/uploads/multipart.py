@@ -7,6 +7,7 @@ streams that part's bytes. Nothing is kept beyond the chunk in hand.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 _MAX_HEADER_BYTES = 8 * 1024
+
+# The parser logs each flaw of a client's body as a warning, unstructured, on
+# stderr; the ingress already answers those bodies with a 400.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 class MalformedMultipart(ValueError):
@@ -59,7 +64,7 @@ class PartReader:
         self._events: deque[_Event] = deque()
         self._header_name = bytearray()
         self._header_value = bytearray()
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, bytes] = {}
         self._finished = False
         self._in_part = False
         self._parser = self._new_parser(boundary)
@@ -146,7 +151,7 @@ class PartReader:
 
     def _header_end(self) -> None:
         name = self._header_name.decode("latin-1").strip().lower()
-        self._headers[name] = self._header_value.decode("utf-8", "replace").strip()
+        self._headers[name] = bytes(self._header_value).strip()
         self._header_name.clear()
         self._header_value.clear()
 
@@ -164,15 +169,22 @@ class PartReader:
         self._finished = True
 
 
-def _part_headers(headers: dict[str, str]) -> PartHeaders:
-    disposition, params = parse_options_header(headers.get("content-disposition", ""))
+def _part_headers(headers: dict[str, bytes]) -> PartHeaders:
+    # Kept as bytes: browsers send UTF-8 file names raw in the header, which
+    # only decode correctly after the parameters are split.
+    disposition, params = parse_options_header(headers.get("content-disposition", b""))
     if disposition != b"form-data" or b"name" not in params:
         raise MalformedMultipart(
             "every part needs a Content-Disposition: form-data header with a name"
         )
     filename = params.get(b"filename")
+    content_type = headers.get("content-type")
     return PartHeaders(
-        name=params[b"name"].decode("utf-8", "replace"),
-        filename=filename.decode("utf-8", "replace") if filename is not None else None,
-        content_type=headers.get("content-type"),
+        name=_text(params[b"name"]),
+        filename=_text(filename) if filename is not None else None,
+        content_type=_text(content_type) if content_type is not None else None,
     )
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")

@@ -52,6 +52,14 @@ class Submission(BaseModel):
         return "\n\n".join(e.payload.event.text for e in self.external_events)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_submission(document: Any) -> Submission:
     """Validate a decoded JSON body, or raise the matching 400 ApiError."""
     if not isinstance(document, dict):
@@ -77,6 +85,12 @@ def parse_submission(document: Any) -> Submission:
         if "\x00" in event.payload.event.text:
             # Postgres text cannot hold NUL, and no prompt needs one.
             raise bad_request("invalid_request", "The prompt contains a NUL character.")
+        if not _encodable(event.payload.event.text):
+            # JSON can escape lone surrogates ("\ud800"), which no database
+            # or UTF-8 stream can carry.
+            raise bad_request(
+                "invalid_request", "The prompt is not valid Unicode text."
+            )
         if not event.reactive:
             # Events recorded for a later turn without waking one need a
             # per-conversation event lane, which this version does not have.
