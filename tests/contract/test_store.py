@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -14,9 +17,11 @@ from kdcube.store.ports import (
     Store,
     StoreError,
     SubmitResult,
+    TurnNotFound,
     TurnOutcome,
     TurnState,
 )
+from kdcube.store.sqlite import connect, open_sqlite_store
 
 from .conftest import StoreBackend
 
@@ -317,3 +322,165 @@ async def test_the_outcome_of_a_finished_turn_can_be_read_back(store: Store) -> 
     assert before is None
     assert await store.turn_outcome("t1") == outcome
     assert await store.turn_outcome("nope") is None
+
+
+def artifact(name: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "mime": "text/plain", "size": 1, **more}
+
+
+async def test_a_turn_lists_its_artifacts_in_order(store: Store) -> None:
+    await store.submit_turn(turn("t1", new=True))
+    await store.submit_turn(turn("t2"))
+    produced = [artifact("b.txt"), artifact("ä/a.png", key="k/1"), artifact("c")]
+
+    for record in produced:
+        await store.add_artifact("t1", record)
+
+    detail = await store.conversation("alice", "c1")
+    assert [record.artifacts for record in detail.turns] == [produced, []]
+    assert detail.turns[0].to_json()["artifacts"] == produced
+
+
+async def test_an_artifact_replaces_its_namesake_in_place(store: Store) -> None:
+    await store.submit_turn(turn("t1", new=True))
+    for name in ("a", "b", "c"):
+        await store.add_artifact("t1", artifact(name))
+
+    await store.add_artifact("t1", artifact("b", size=2))
+
+    detail = await store.conversation("alice", "c1")
+    assert detail.turns[0].artifacts == [
+        artifact("a"),
+        artifact("b", size=2),
+        artifact("c"),
+    ]
+
+
+async def test_artifacts_can_be_added_to_a_finished_turn(store: Store) -> None:
+    await store.submit_turn(turn("t1", new=True))
+    await store.finish_turn("t1", DONE)
+
+    await store.add_artifact("t1", artifact("late.txt"))
+
+    detail = await store.conversation("alice", "c1")
+    assert detail.turns[0].artifacts == [artifact("late.txt")]
+
+
+async def test_concurrent_artifact_adds_all_land_once(store: Store) -> None:
+    await store.submit_turn(turn("t1", new=True))
+    names = [f"file-{index}" for index in range(20)]
+
+    async with anyio.create_task_group() as tasks:
+        for name in names * 2:
+            tasks.start_soon(store.add_artifact, "t1", artifact(name))
+
+    detail = await store.conversation("alice", "c1")
+    listed = [record["name"] for record in detail.turns[0].artifacts]
+    assert sorted(listed) == sorted(names)
+
+
+async def test_an_artifact_needs_a_known_turn_and_a_name(store: Store) -> None:
+    await store.submit_turn(turn("t1", new=True))
+
+    with pytest.raises(TurnNotFound):
+        await store.add_artifact("unknown", artifact("a"))
+    with pytest.raises(ValueError, match="'name'"):
+        await store.add_artifact("t1", {"mime": "text/plain"})
+    with pytest.raises(ValueError, match="'name'"):
+        await store.add_artifact("t1", {"name": 7})
+
+    detail = await store.conversation("alice", "c1")
+    assert detail.turns[0].artifacts == []
+
+
+async def test_sqlite_migration_gives_earlier_turns_no_artifacts(
+    tmp_path: Path,
+) -> None:
+    """A database at migration 1, with a turn in it, then opened by this code."""
+    path = tmp_path / "kdcube.db"
+    first = resources.files("kdcube.store.migrations.sqlite").joinpath(
+        "0001_conversations.sql"
+    )
+    connection = connect(path)
+    connection.executescript(
+        f"""BEGIN;
+        {first.read_text()}
+        CREATE TABLE schema_migrations
+            (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);
+        INSERT INTO schema_migrations VALUES (1, 0);
+        INSERT INTO conversations VALUES ('c1', 'alice', 'echo', 't', 'idle',
+            NULL, 0, 0);
+        INSERT INTO turns (turn_id, conversation_id, seq, bundle_id, request_id,
+            message_kind, prompt, state, created_at)
+            VALUES ('t1', 'c1', 1, 'echo', 'r', 'chat', 'p', 'completed', 0);
+        COMMIT;"""
+    )
+    connection.close()
+
+    async with open_sqlite_store(path) as store:
+        detail = await store.conversation("alice", "c1")
+        await store.add_artifact("t1", artifact("a"))
+        after = await store.conversation("alice", "c1")
+
+    assert detail.turns[0].artifacts == []
+    assert after.turns[0].artifacts == [artifact("a")]
+
+
+async def _conversation_of(store: Store, count: int) -> None:
+    """Turns t1..t<count> of alice's c1, in as many states as there are."""
+    await store.submit_turn(turn("t1", new=True))
+    for index in range(2, count + 1):
+        await store.submit_turn(turn(f"t{index}"))
+    await store.finish_turn("t1", DONE)
+    await store.finish_turn("t2", TurnOutcome(TurnState.FAILED, error_type="boom"))
+    await store.start_turn("t3")
+
+
+async def test_history_lists_the_latest_turns_before_oldest_first(
+    store: Store,
+) -> None:
+    await _conversation_of(store, 6)
+    await store.add_artifact("t2", artifact("a"))
+    await store.submit_turn(turn("t9", "c2", new=True))
+
+    everything = await store.history("alice", "c1", before_turn_id="t5")
+    latest = await store.history("alice", "c1", before_turn_id="t5", limit=2)
+
+    assert [record.turn_id for record in everything] == ["t1", "t2", "t3", "t4"]
+    assert [record.state for record in everything] == [
+        TurnState.COMPLETED,
+        TurnState.FAILED,
+        TurnState.RUNNING,
+        TurnState.QUEUED,
+    ]
+    assert everything[0].final_answer == "the answer"
+    assert everything[1].artifacts == [artifact("a")]
+    assert [record.turn_id for record in latest] == ["t3", "t4"]
+    assert await store.history("alice", "c1", before_turn_id="t5", limit=0) == []
+
+
+async def test_history_of_the_first_turn_is_empty(store: Store) -> None:
+    await _conversation_of(store, 3)
+
+    assert await store.history("alice", "c1", before_turn_id="t1") == []
+
+
+async def test_history_is_the_owners_only(store: Store) -> None:
+    await _conversation_of(store, 3)
+
+    with pytest.raises(ConversationNotFound):
+        await store.history("mallory", "c1", before_turn_id="t3")
+    with pytest.raises(ConversationNotFound):
+        await store.history("alice", "nope", before_turn_id="t3")
+
+
+async def test_history_before_a_turn_not_in_the_conversation(store: Store) -> None:
+    await _conversation_of(store, 3)
+    await store.submit_turn(turn("t9", "c2", new=True))
+
+    with pytest.raises(TurnNotFound):
+        await store.history("alice", "c1", before_turn_id="t9")
+    with pytest.raises(TurnNotFound):
+        await store.history("alice", "c1", before_turn_id="unknown")
+    with pytest.raises(ValueError, match="-1"):
+        await store.history("alice", "c1", before_turn_id="t3", limit=-1)

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from kdcube.store.ports import (
 )
 from kdcube.store.postgres import migrate, open_postgres_store
 
-from .postgres_backend import PostgresSchema, fresh_schema
+from .postgres_backend import PostgresSchema, fresh_schema, run_in_worker_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +111,17 @@ async def test_concurrent_migrations_apply_once() -> None:
         assert schema.applied_migrations() == max(applied)
 
 
+async def test_migration_gives_earlier_turns_no_artifacts() -> None:
+    with fresh_schema() as schema:
+        await anyio.to_thread.run_sync(_schema_at_first_migration, schema)
+
+        async with schema.open() as store:
+            detail = await store.conversation("alice", "c1")
+
+        assert detail.turns[0].artifacts == []
+        assert schema.applied_migrations() == [1, 2]
+
+
 async def test_an_unreachable_server_is_reported_as_unavailable() -> None:
     nobody_listens = "postgresql://postgres@127.0.0.1:1/test"
 
@@ -157,6 +169,36 @@ async def _uncommitted_turn(
         finally:
             with anyio.CancelScope(shield=True):
                 await bridge.run(connection.close)  # rolls the insert back
+
+
+def _schema_at_first_migration(schema: PostgresSchema) -> None:
+    """The schema as migration 1 left it, holding one finished turn."""
+    first = resources.files("kdcube.store.migrations.postgres").joinpath(
+        "0001_conversations.sql"
+    )
+
+    async def build() -> None:
+        connection = await asyncpg.connect(schema.dsn)
+        try:
+            await connection.execute(
+                f"""CREATE SCHEMA "{schema.name}";
+                SET search_path TO "{schema.name}";
+                {first.read_text()}
+                CREATE TABLE schema_migrations
+                    (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL);
+                INSERT INTO schema_migrations VALUES (1, 0);
+                INSERT INTO conversations (conversation_id, user_id, bundle_id,
+                    title, state, created_at, updated_at)
+                    VALUES ('c1', 'alice', 'echo', 't', 'idle', 0, 0);
+                INSERT INTO turns (turn_id, conversation_id, seq, bundle_id,
+                    request_id, message_kind, prompt, state, created_at)
+                    VALUES ('t1', 'c1', 1, 'echo', 'r', 'chat', 'p', 'completed', 0);
+                """
+            )
+        finally:
+            await connection.close()
+
+    run_in_worker_loop(build)
 
 
 def _wait_until_blocked(schema: PostgresSchema, pid: int) -> list[int]:

@@ -8,6 +8,8 @@ say nothing about the database's health and pass through uncounted.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kdcube.gateway.breakers import CircuitBreaker
 from kdcube.store import (
     ConversationDetail,
@@ -18,7 +20,7 @@ from kdcube.store import (
     StoreUnavailable,
     SubmitResult,
 )
-from kdcube.store.ports import TurnOutcome
+from kdcube.store.ports import TurnOutcome, TurnRecord
 
 _FAILURES = (StoreUnavailable,)
 
@@ -43,6 +45,23 @@ class GuardedStore:
     async def turn_outcome(self, turn_id: str) -> TurnOutcome | None:
         async with self._breaker.guard(failures=_FAILURES):
             return await self._store.turn_outcome(turn_id)
+
+    async def add_artifact(self, turn_id: str, record: dict[str, Any]) -> None:
+        async with self._breaker.guard(failures=_FAILURES):
+            await self._store.add_artifact(turn_id, record)
+
+    async def history(
+        self,
+        user_id: str,
+        conversation_id: str,
+        *,
+        before_turn_id: str,
+        limit: int = 20,
+    ) -> list[TurnRecord]:
+        async with self._breaker.guard(failures=_FAILURES):
+            return await self._store.history(
+                user_id, conversation_id, before_turn_id=before_turn_id, limit=limit
+            )
 
     async def unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         async with self._breaker.guard(failures=_FAILURES):

@@ -23,6 +23,10 @@ class ConversationNotFound(StoreError):
     """No conversation with that id belongs to the user."""
 
 
+class TurnNotFound(StoreError):
+    """No turn with that id exists (in that conversation, where one is named)."""
+
+
 class TurnState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -80,6 +84,8 @@ class TurnRecord:
     bundle_id: str
     message_kind: str
     attachments: list[dict[str, Any]]
+    artifacts: list[dict[str, Any]]
+    """Files the bundle produced, in the order first added; unique by name."""
     created_at: int
     finished_at: int | None
 
@@ -93,6 +99,7 @@ class TurnRecord:
             "bundle_id": self.bundle_id,
             "message_kind": self.message_kind,
             "attachments": self.attachments,
+            "artifacts": self.artifacts,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
         }
@@ -153,6 +160,17 @@ class Store(Protocol):
         """The recorded outcome of a finished turn; None while it is unfinished
         or when there is no such turn."""
 
+    async def add_artifact(self, turn_id: str, record: dict[str, Any]) -> None:
+        """List a file the turn produced on it, in whatever state the turn is.
+
+        ``record`` is stored as given (JSON) and keyed by its ``name``: a record
+        whose name is already listed replaces that entry in place, any other is
+        appended. Atomic: concurrent adds to one turn all land.
+
+        Raises ValueError when ``record["name"]`` is not a string, and
+        TurnNotFound when there is no such turn.
+        """
+
     async def unfinished_turns(self, user_id: str, conversation_id: str) -> list[str]:
         """Ids of the conversation's queued and running turns, oldest first.
 
@@ -163,6 +181,22 @@ class Store(Protocol):
         self, user_id: str, conversation_id: str
     ) -> ConversationDetail:
         """Raises ConversationNotFound."""
+
+    async def history(
+        self,
+        user_id: str,
+        conversation_id: str,
+        *,
+        before_turn_id: str,
+        limit: int = 20,
+    ) -> list[TurnRecord]:
+        """The ``limit`` turns that came just before ``before_turn_id``, oldest
+        first; in every state, so the caller picks which ones count.
+
+        Empty for the conversation's first turn. Read in one snapshot. Raises
+        ValueError for a negative ``limit``, ConversationNotFound, and
+        TurnNotFound when the turn is not in that conversation.
+        """
 
     async def conversations(self, user_id: str) -> list[ConversationSummary]:
         """The user's conversations, newest first."""
@@ -178,3 +212,19 @@ class Store(Protocol):
         """Return when the database answers; raise StoreUnavailable if not."""
 
     async def aclose(self) -> None: ...
+
+
+def artifact_name(record: dict[str, Any]) -> str:
+    """The key that makes an artifact record unique on its turn."""
+    name = record.get("name")
+    if not isinstance(name, str):
+        raise ValueError(
+            f"artifact record needs a string 'name', got {name!r}:"
+            " name it as the file is listed, e.g. {'name': 'report.pdf', ...}"
+        )
+    return name
+
+
+def check_history_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"history limit must be 0 or more, got {limit!r}")

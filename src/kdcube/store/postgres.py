@@ -43,9 +43,12 @@ from kdcube.store.ports import (
     StoreError,
     StoreUnavailable,
     SubmitResult,
+    TurnNotFound,
     TurnOutcome,
     TurnRecord,
     TurnState,
+    artifact_name,
+    check_history_limit,
 )
 from kdcube.wire.events import now_ms
 
@@ -60,8 +63,43 @@ _SUMMARY_COLUMNS = (
 )
 _TURN_COLUMNS = (
     "turn_id, state, prompt, final_answer, error_type, bundle_id, message_kind,"
-    " attachments, created_at, finished_at"
+    " attachments, artifacts, created_at, finished_at"
 )
+# One UPDATE, so concurrent adds need no lock of ours: the second waits for the
+# first's row lock, then Postgres recomputes the new list from the row the first
+# wrote. A namesake ($3) is replaced where it stands, in order; else append.
+_ADD_ARTIFACT = """
+UPDATE turns SET artifacts = CASE
+    WHEN artifacts @> jsonb_build_array(jsonb_build_object('name', $3::text)) THEN (
+        SELECT jsonb_agg(
+            CASE WHEN entry->>'name' = $3 THEN $2::jsonb ELSE entry END
+            ORDER BY position
+        )
+        FROM jsonb_array_elements(artifacts) WITH ORDINALITY AS listed(entry, position)
+    )
+    ELSE artifacts || jsonb_build_array($2::jsonb)
+END
+WHERE turn_id = $1
+RETURNING true
+"""
+# A turn's history in one statement. ``anchor`` has one row when the user owns
+# the conversation, whose seq is NULL when the turn is not in it; the LEFT JOIN
+# keeps that row when nothing came before, so an empty history, a missing turn
+# and a missing conversation each read differently.
+_HISTORY = f"""
+WITH anchor AS (
+    SELECT t.seq FROM conversations c
+    LEFT JOIN turns t ON t.conversation_id = c.conversation_id AND t.turn_id = $3
+    WHERE c.conversation_id = $2 AND c.user_id = $1
+),
+recent AS (
+    SELECT seq, {_TURN_COLUMNS} FROM turns
+    WHERE conversation_id = $2 AND seq < (SELECT seq FROM anchor)
+    ORDER BY seq DESC LIMIT $4
+)
+SELECT anchor.seq AS before_seq, recent.*
+FROM anchor LEFT JOIN recent ON true ORDER BY recent.seq
+"""
 _UNAVAILABLE = (
     OSError,  # refused, unreachable, DNS, timeouts (TimeoutError is an OSError)
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08: the connection broke
@@ -133,6 +171,23 @@ class PostgresStore:
         self, user_id: str, conversation_id: str
     ) -> ConversationDetail:
         return await self._run(self._conversation, user_id, conversation_id)
+
+    async def add_artifact(self, turn_id: str, record: dict[str, Any]) -> None:
+        name = artifact_name(record)
+        await self._run(self._add_artifact, turn_id, name, json.dumps(record))
+
+    async def history(
+        self,
+        user_id: str,
+        conversation_id: str,
+        *,
+        before_turn_id: str,
+        limit: int = 20,
+    ) -> list[TurnRecord]:
+        check_history_limit(limit)
+        return await self._run(
+            self._history, user_id, conversation_id, before_turn_id, limit
+        )
 
     async def conversations(self, user_id: str) -> list[ConversationSummary]:
         return await self._run(self._conversations, user_id)
@@ -284,6 +339,24 @@ class PostgresStore:
                 conversation_id,
             )
         return ConversationDetail(_summary(summary), [_turn(row) for row in turns])
+
+    async def _add_artifact(self, turn_id: str, name: str, record: str) -> None:
+        async with _connection(self._pool) as db:
+            if await db.fetchval(_ADD_ARTIFACT, turn_id, record, name) is None:
+                raise TurnNotFound(turn_id)
+
+    async def _history(
+        self, user_id: str, conversation_id: str, before_turn_id: str, limit: int
+    ) -> list[TurnRecord]:
+        async with _connection(self._pool) as db:
+            rows = await db.fetch(
+                _HISTORY, user_id, conversation_id, before_turn_id, limit
+            )
+        if not rows:
+            raise ConversationNotFound(conversation_id)
+        if rows[0]["before_seq"] is None:
+            raise TurnNotFound(before_turn_id)
+        return [_turn(row) for row in rows if row["seq"] is not None]
 
     async def _conversations(self, user_id: str) -> list[ConversationSummary]:
         async with _connection(self._pool) as db:
@@ -448,6 +521,7 @@ def _turn(row: Any) -> TurnRecord:
         bundle_id=row["bundle_id"],
         message_kind=row["message_kind"],
         attachments=json.loads(row["attachments"]),
+        artifacts=json.loads(row["artifacts"]),
         created_at=row["created_at"],
         finished_at=row["finished_at"],
     )

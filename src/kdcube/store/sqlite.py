@@ -28,9 +28,12 @@ from kdcube.store.ports import (
     NewTurn,
     StoreError,
     SubmitResult,
+    TurnNotFound,
     TurnOutcome,
     TurnRecord,
     TurnState,
+    artifact_name,
+    check_history_limit,
 )
 from kdcube.wire.events import now_ms
 
@@ -42,8 +45,26 @@ _SUMMARY_COLUMNS = (
 )
 _TURN_COLUMNS = (
     "turn_id, state, prompt, final_answer, error_type, bundle_id, message_kind,"
-    " attachments, created_at, finished_at"
+    " attachments, artifacts, created_at, finished_at"
 )
+# A turn's history in one statement. ``anchor`` has one row when the user owns
+# the conversation, whose seq is NULL when the turn is not in it; the LEFT JOIN
+# keeps that row when nothing came before, so an empty history, a missing turn
+# and a missing conversation each read differently.
+_HISTORY = f"""
+WITH anchor AS (
+    SELECT t.seq FROM conversations c
+    LEFT JOIN turns t
+        ON t.conversation_id = c.conversation_id AND t.turn_id = :turn_id
+    WHERE c.conversation_id = :conversation_id AND c.user_id = :user_id
+),
+recent AS (
+    SELECT seq, {_TURN_COLUMNS} FROM turns
+    WHERE conversation_id = :conversation_id AND seq < (SELECT seq FROM anchor)
+    ORDER BY seq DESC LIMIT :limit
+)
+SELECT anchor.seq, recent.* FROM anchor LEFT JOIN recent ON 1 ORDER BY recent.seq
+"""
 
 
 def migrate(connection: sqlite3.Connection) -> list[int]:
@@ -98,6 +119,22 @@ class SqliteStore:
         self, user_id: str, conversation_id: str
     ) -> ConversationDetail:
         return await self._run(self._conversation, user_id, conversation_id)
+
+    async def add_artifact(self, turn_id: str, record: dict[str, Any]) -> None:
+        await self._run(self._add_artifact, turn_id, artifact_name(record), record)
+
+    async def history(
+        self,
+        user_id: str,
+        conversation_id: str,
+        *,
+        before_turn_id: str,
+        limit: int = 20,
+    ) -> list[TurnRecord]:
+        check_history_limit(limit)
+        return await self._run(
+            self._history, user_id, conversation_id, before_turn_id, limit
+        )
 
     async def conversations(self, user_id: str) -> list[ConversationSummary]:
         return await self._run(self._conversations, user_id)
@@ -249,6 +286,41 @@ class SqliteStore:
         ).fetchall()
         return ConversationDetail(ConversationSummary(*row), [_turn(t) for t in turns])
 
+    def _add_artifact(self, turn_id: str, name: str, record: dict[str, Any]) -> None:
+        # Read, change, write: BEGIN IMMEDIATE makes this the only writer of
+        # the database until COMMIT, in this process and any other.
+        with _transaction(self._db):
+            row = self._db.execute(
+                "SELECT artifacts FROM turns WHERE turn_id = ?", (turn_id,)
+            ).fetchone()
+            if row is None:
+                raise TurnNotFound(turn_id)
+
+            listed = _with_artifact(json.loads(row[0]), name, record)
+            self._db.execute(
+                "UPDATE turns SET artifacts = ? WHERE turn_id = ?",
+                (json.dumps(listed), turn_id),
+            )
+
+    def _history(
+        self, user_id: str, conversation_id: str, before_turn_id: str, limit: int
+    ) -> list[TurnRecord]:
+        rows = self._db.execute(
+            _HISTORY,
+            {
+                "user_id": user_id,
+                "conversation_id": conversation_id,
+                "turn_id": before_turn_id,
+                "limit": limit,
+            },
+        ).fetchall()
+        if not rows:
+            raise ConversationNotFound(conversation_id)
+        if rows[0][0] is None:
+            raise TurnNotFound(before_turn_id)
+        # Columns: the anchor's seq, the turn's seq, then _TURN_COLUMNS.
+        return [_turn(row[2:]) for row in rows if row[1] is not None]
+
     def _conversations(self, user_id: str) -> list[ConversationSummary]:
         rows = self._db.execute(
             f"SELECT {_SUMMARY_COLUMNS} FROM conversations WHERE user_id = ?"
@@ -318,6 +390,7 @@ def _turn(row: tuple[Any, ...]) -> TurnRecord:
         bundle_id,
         kind,
         files,
+        produced,
         created,
         done,
     ) = row
@@ -330,9 +403,19 @@ def _turn(row: tuple[Any, ...]) -> TurnRecord:
         bundle_id=bundle_id,
         message_kind=kind,
         attachments=json.loads(files),
+        artifacts=json.loads(produced),
         created_at=created,
         finished_at=done,
     )
+
+
+def _with_artifact(
+    listed: list[dict[str, Any]], name: str, record: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``listed`` with ``record`` in the place of its namesake, or at the end."""
+    if all(entry.get("name") != name for entry in listed):
+        return [*listed, record]
+    return [record if entry.get("name") == name else entry for entry in listed]
 
 
 @contextmanager
