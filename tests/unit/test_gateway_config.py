@@ -73,7 +73,7 @@ def test_a_partial_section_keeps_the_other_fields_defaults() -> None:
     clamd = config.breaker("clamd")
     assert (clamd.failure_threshold, clamd.success_threshold) == (9, 2)
     assert config.breaker("s3").window_s == 5
-    assert config.breaker("redis").recovery_timeout_s == 30
+    assert config.breaker("redis").recovery_timeout_s == 5
     assert config.breaker("unnamed") == config.breaker("s3").model_copy(
         update={"window_s": 60.0}
     )

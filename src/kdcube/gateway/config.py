@@ -35,7 +35,7 @@ _HUGE = 10**12
 """Above any sane setting; stops numbers that overflow the arithmetic."""
 
 
-class InvalidGatewayConfig(Exception):
+class InvalidGatewayConfig(ValueError):
     """The gateway config cannot be used; the message names the field path."""
 
 
@@ -164,14 +164,15 @@ _BREAKER_DEFAULTS: dict[str, dict[str, Any]] = {
     "redis": {
         "failure_threshold": 10,
         "window_s": 60,
-        "recovery_timeout_s": 30,
+        # Redis restarts in seconds; a long pause would outlast the outage.
+        "recovery_timeout_s": 5,
         "success_threshold": 3,
         "half_open_max_calls": 5,
     },
     "postgres": {
         "failure_threshold": 10,
         "window_s": 120,
-        "recovery_timeout_s": 60,
+        "recovery_timeout_s": 10,
         "success_threshold": 3,
         "half_open_max_calls": 5,
     },
