@@ -7,12 +7,11 @@ from typing import Any
 import anyio
 import pytest
 
+from kdcube.bus.board import MemoryBoard, RedisBoard
 from kdcube.bus.memory import open_memory_bus
 from kdcube.gateway import (
     ConfigBoard,
     GatewayConfig,
-    MemoryConfigBoard,
-    RedisConfigBoard,
     open_gateway_backends,
     parse_gateway_config,
 )
@@ -119,7 +118,7 @@ async def test_an_invalid_document_never_replaces_the_config(
 async def test_backends_open_in_memory_next_to_an_embedded_bus() -> None:
     async with open_memory_bus() as bus:
         async with open_gateway_backends(bus, TIGHT) as backends:
-            assert isinstance(backends.board, MemoryConfigBoard)
+            assert isinstance(backends.board, MemoryBoard)
             assert backends.board.current() == TIGHT
 
 
@@ -127,6 +126,6 @@ async def test_backends_open_in_memory_next_to_an_embedded_bus() -> None:
 async def test_backends_open_on_the_redis_of_a_redis_bus(bus_kind: str) -> None:
     async with redis_bus() as bus:
         async with open_gateway_backends(bus, TIGHT, redis_url=REDIS_URL) as backends:
-            assert isinstance(backends.board, RedisConfigBoard)
+            assert isinstance(backends.board, RedisBoard)
             limits = TIGHT.rate_limits.anonymous
             assert (await backends.rate_limiter.hit("s1", limits)).allowed

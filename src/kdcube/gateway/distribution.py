@@ -1,230 +1,41 @@
-"""The live gateway config, shared by every process of a deployment.
+"""The live gateway config: the deployment's board of ``gateway.yaml``.
 
-An admin applies a validated config to the board; the board stores it with a
-version that grows with every change, and each process's ``watch`` loop
-takes the new version within about a second. ``reset`` goes back to the
-baseline each process started with (its ``gateway.yaml``, else defaults).
-
-Redis keeps one hash: the version, the document (JSON), who applied it and
-when. Watchers poll the version every ``poll_s`` rather than subscribe: one
-small read per half second per process is cheap, cannot miss a message
-across a reconnect, and needs no connection held open. A document that does
-not validate (written by hand, or by a newer kdcube) is logged and never
-replaces the config in use.
-
-Known shortcoming: processes started with different ``gateway.yaml`` files
-return to different baselines on ``reset``.
+See ``kdcube.bus.board`` for how a document applied in one process reaches
+every other within about a second.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, NoReturn, Protocol
-
-import anyio
-import structlog
-from anyio.abc import TaskStatus
 from coredis import Redis
 
-from kdcube.bus.ports import BusError
-from kdcube.bus.redis.errors import maps_errors
+from kdcube.bus.board import POLL_S, Board, MemoryBoard, RedisBoard
 from kdcube.bus.redis.keys import KeyLayout
-from kdcube.gateway.config import (
-    GatewayConfig,
-    InvalidGatewayConfig,
-    parse_gateway_config,
-)
+from kdcube.gateway.config import GatewayConfig, parse_gateway_config
 
-log = structlog.get_logger("kdcube.gateway")
-
-POLL_S = 0.5
-_READ_TIMEOUT_S = 5.0
+ConfigBoard = Board[GatewayConfig]
 
 
-class ConfigBoard(Protocol):
-    """Where the live gateway config is published and read."""
+class GatewayCodec:
+    topic = "gateway"
 
-    @property
-    def version(self) -> int:
-        """The version of ``current()``; 0 until anything was applied."""
+    def parse(self, text: str) -> GatewayConfig:
+        return parse_gateway_config(text)
 
-    def current(self) -> GatewayConfig: ...
-
-    async def apply(self, config: GatewayConfig, *, actor: str | None = None) -> int:
-        """Publish a validated config; returns its version, already current here."""
-
-    async def reset(self, *, actor: str | None = None) -> int:
-        """Publish the baseline again; returns its version."""
-
-    async def wait_version(self, version: int) -> None:
-        """Wait until this process runs ``version`` or a later one; the caller
-        bounds the wait."""
-
-    async def watch(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        """Keep ``current()`` up to date; started once the stored config is read
-        (or found unreachable, in which case the baseline serves meanwhile)."""
+    def dump(self, value: GatewayConfig) -> str:
+        return value.to_json()
 
 
-class _Holder:
-    """The config a process runs, its version, and a signal for waiters."""
-
-    def __init__(self, baseline: GatewayConfig) -> None:
-        self.baseline = baseline
-        self.config = baseline
-        self.version = 0
-        self._changed = anyio.Event()
-
-    def take(self, version: int, config: GatewayConfig, *, older: bool = False) -> None:
-        """Run ``config``; an older version only with ``older`` (the store's
-        sequence started over, e.g. after Redis lost its data)."""
-        if version == self.version or (version < self.version and not older):
-            return
-
-        self.version, self.config = version, config
-        self._changed.set()
-        self._changed = anyio.Event()
-        log.info("gateway.config_applied", version=version, profile=config.profile)
-
-    async def wait_version(self, version: int) -> None:
-        while self.version < version:
-            await self._changed.wait()
+def MemoryConfigBoard(baseline: GatewayConfig) -> MemoryBoard[GatewayConfig]:
+    return MemoryBoard(GatewayCodec(), baseline)
 
 
-class MemoryConfigBoard:
-    """The embedded board: one process, so applying is taking."""
-
-    def __init__(self, baseline: GatewayConfig) -> None:
-        self._holder = _Holder(baseline)
-
-    @property
-    def version(self) -> int:
-        return self._holder.version
-
-    def current(self) -> GatewayConfig:
-        return self._holder.config
-
-    async def apply(self, config: GatewayConfig, *, actor: str | None = None) -> int:
-        await anyio.lowlevel.checkpoint()
-        self._holder.take(self._holder.version + 1, config)
-        return self._holder.version
-
-    async def reset(self, *, actor: str | None = None) -> int:
-        return await self.apply(self._holder.baseline, actor=actor)
-
-    async def wait_version(self, version: int) -> None:
-        await self._holder.wait_version(version)
-
-    async def watch(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        task_status.started()
-        await anyio.sleep_forever()
-        raise AssertionError("sleep_forever returned")
-
-
-def _version(value: Any) -> int:
-    return 0 if value is None else int(value)
-
-
-class RedisConfigBoard:
-    """The board of many processes: one Redis hash, polled by each."""
-
-    def __init__(
-        self,
-        commands: Redis[str],
-        keys: KeyLayout,
-        baseline: GatewayConfig,
-        *,
-        poll_s: float = POLL_S,
-    ) -> None:
-        self._redis = commands
-        self._key = keys.gateway_config()
-        self._holder = _Holder(baseline)
-        self._poll_s = poll_s
-        self._rejected = 0
-        """The last stored version that failed validation, so it is logged once."""
-        self._reachable = True
-
-    @property
-    def version(self) -> int:
-        return self._holder.version
-
-    def current(self) -> GatewayConfig:
-        return self._holder.config
-
-    @maps_errors("publish the gateway config")
-    async def apply(self, config: GatewayConfig, *, actor: str | None = None) -> int:
-        version = await self._publish({"document": config.to_json()}, actor)
-        self._holder.take(version, config)
-        return version
-
-    @maps_errors("reset the gateway config")
-    async def reset(self, *, actor: str | None = None) -> int:
-        version = await self._publish({}, actor)
-        self._holder.take(version, self._holder.baseline)
-        return version
-
-    async def wait_version(self, version: int) -> None:
-        await self._holder.wait_version(version)
-
-    @maps_errors("read the gateway config")
-    async def refresh(self) -> None:
-        """Take the stored config if it is newer than the one in use."""
-        stored = await self._redis.hget(self._key, "version")
-        version = _version(stored)
-        if version in (self._holder.version, self._rejected):
-            return
-
-        stored_version, document = await self._redis.hmget(
-            self._key, ["version", "document"]
-        )
-        self._take_stored(_version(stored_version), document)
-
-    async def watch(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        await self._refresh_logged()
-        task_status.started()
-        while True:
-            await anyio.sleep(self._poll_s)
-            await self._refresh_logged()
-
-    async def _publish(self, fields: dict[str, str], actor: str | None) -> int:
-        # One transaction, so a reader never sees a new version with the old
-        # document; without a document the version stands for the baseline.
-        stamp = {"actor": actor or "", "applied_at": str(time.time())}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            version = pipe.hincrby(self._key, "version", 1)
-            if "document" not in fields:
-                pipe.hdel(self._key, ["document"])
-            pipe.hset(self._key, {**fields, **stamp})
-        return await version
-
-    def _take_stored(self, version: int, document: str | None) -> None:
-        if document is None:
-            self._holder.take(version, self._holder.baseline, older=True)
-            return
-
-        try:
-            config = parse_gateway_config(document)
-        except InvalidGatewayConfig as exc:
-            self._rejected = version
-            log.error("gateway.config_rejected", version=version, reason=str(exc))
-            return
-        self._holder.take(version, config, older=True)
-
-    async def _refresh_logged(self) -> None:
-        try:
-            with anyio.fail_after(_READ_TIMEOUT_S):
-                await self.refresh()
-        except (BusError, TimeoutError) as exc:
-            if self._reachable:
-                log.warning("gateway.config_unreachable", error=str(exc))
-            self._reachable = False
-            return
-
-        if not self._reachable:
-            log.info("gateway.config_reachable")
-        self._reachable = True
+def RedisConfigBoard(
+    commands: Redis[str],
+    keys: KeyLayout,
+    baseline: GatewayConfig,
+    *,
+    poll_s: float = POLL_S,
+) -> RedisBoard[GatewayConfig]:
+    return RedisBoard(
+        commands, keys.gateway_config(), GatewayCodec(), baseline, poll_s=poll_s
+    )
