@@ -37,6 +37,7 @@ def write_bundles(folder: Path) -> Path:
         {"id": "failing", "path": str(tests / "failing")},
         {"id": "quiet", "path": str(tests / "quiet")},
         {"id": "reader", "path": str(tests / "reader")},
+        {"id": "coder", "path": str(REPO / "bundles" / "coder")},
         {
             "id": "asyncio",
             "path": str(tests / "asyncio_words"),
@@ -159,6 +160,7 @@ async def serve(
         **{
             "sse_keepalive_s": 5.0,
             "drain_timeout_s": 5.0,
+            "exec": "subprocess",
             **backend_settings(),
             **overrides,
         },

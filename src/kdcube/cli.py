@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,10 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
         overrides["bundles"] = bundles
     if storage is not None:
         overrides["storage_path"] = storage
+    if "KDCUBE_EXEC" not in os.environ:
+        # A developer's own machine: the example coder bundle may run code
+        # there. It is no sandbox, so kdcube serve never does this unasked.
+        overrides["exec"] = "subprocess"
     settings = _settings(**overrides)
     _start(settings, {Role.INGRESS, Role.PROC}, host, port)
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 AsyncBackend = Literal["trio", "asyncio"]
 AuthMode = Literal["dev", "oidc"]
 ScanPolicyName = Literal["required", "best_effort", "off"]
+ExecMode = Literal["off", "subprocess"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _COOKIE_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     clamd: str | None = None
     clamd_policy: ScanPolicyName | None = None
     clamd_timeout_s: float = Field(3.0, gt=0)
+    exec: ExecMode | None = None
+    """Where bundles run code; unset means off, except under ``kdcube run``."""
     bundles: Path | None = None
     gateway_config: Path | None = None
 

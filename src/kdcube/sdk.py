@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from kdcube.exec import Executor
 
 __all__ = ["Attachment", "BundleRun", "Emitter", "TurnContext"]
 
@@ -77,6 +80,8 @@ class TurnContext:
     emit: Emitter
     attachments: Sequence[Attachment] = ()
     opener: AttachmentOpener = _no_files
+    exec: Executor | None = None
+    """Runs code for the bundle (``kdcube.exec``); None where that is off."""
 
     def open_attachment(self, name: str) -> AsyncIterator[bytes]:
         """Stream an attachment's bytes; LookupError when the turn has none by

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,56 +35,11 @@ from kdcube.bundles.git import (
 )
 from kdcube.bus.memory.state import MemoryState
 from kdcube.sdk import TurnContext
+from tests.git_repos import Origin, git, new_origin
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = "s3cr3t-token-value"
-_COMMITTER = ["-c", "user.name=Test", "-c", "user.email=test@example.com"]
-
-
-def git(*args: str | Path, cwd: Path | None = None) -> str:
-    done = subprocess.run(
-        ["git", *_COMMITTER, *map(str, args)],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout.strip()
-
-
-@dataclass
-class Origin:
-    """A remote (bare) repository, and a working copy that pushes to it."""
-
-    work: Path
-    bare: Path
-
-    @property
-    def url(self) -> str:
-        return self.bare.as_uri()
-
-    def commit(self, version: str, branch: str = "main") -> str:
-        bundle = self.work / "bundle"
-        bundle.mkdir(exist_ok=True)
-        (bundle / "entrypoint.py").write_text(
-            f'async def run(ctx):\n    return "{version}"\n'
-        )
-        git("add", "-A", cwd=self.work)
-        git("commit", "-q", "-m", version, cwd=self.work)
-        git("push", "-q", "origin", f"HEAD:{branch}", cwd=self.work)
-        return git("rev-parse", "HEAD", cwd=self.work)
-
-    def commit_off_every_branch(self, version: str) -> str:
-        git("checkout", "-q", "-b", "side", cwd=self.work)
-        commit = self.commit(version, branch="side")
-        git("push", "-q", "origin", ":side", cwd=self.work)
-        git("checkout", "-q", "main", cwd=self.work)
-        return commit
-
-    def tag(self, name: str) -> None:
-        git("tag", "-a", name, "-m", name, cwd=self.work)
-        git("push", "-q", "origin", name, cwd=self.work)
 
 
 class FakeClock:
@@ -98,13 +52,7 @@ class FakeClock:
 
 @pytest.fixture(name="origin")
 def _origin(tmp_path: Path) -> Origin:
-    origin = Origin(tmp_path / "work", tmp_path / "origin.git")
-    git("init", "-q", "--bare", "-b", "main", origin.bare)
-    git("init", "-q", "-b", "main", origin.work)
-    git("remote", "add", "origin", origin.bare, cwd=origin.work)
-    origin.commit("v1")
-    origin.tag("v1")
-    return origin
+    return new_origin(tmp_path)
 
 
 @pytest.fixture(name="env")

@@ -13,7 +13,7 @@ _MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _EXAMPLES_DEFAULT = "echo"
 
 
-class RegistryError(Exception):
+class RegistryError(ValueError):
     """The registry file cannot be used; the message says where and why."""
 
 
@@ -73,6 +73,14 @@ class BundleRegistry:
     def resolve(self, bundle_id: str | None) -> BundleSpec | None:
         return self.specs.get(bundle_id or self.default_id)
 
+    def document(self) -> dict[str, Any]:
+        """The registry as a bundles.yaml document (paths made absolute)."""
+        items = [
+            spec.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+            for spec in self.specs.values()
+        ]
+        return {"bundles": {"default_bundle_id": self.default_id, "items": items}}
+
 
 def parse_registry(document: Any, *, base: Path) -> BundleRegistry:
     """Validate a parsed bundles document; relative paths resolve from ``base``."""
@@ -86,10 +94,9 @@ def parse_registry(document: Any, *, base: Path) -> BundleRegistry:
     specs = []
     for spec in parsed.items:
         if spec.repo is not None:
-            raise RegistryError(
-                f"bundle {spec.id!r}: git bundles (repo) are not supported by this"
-                " version; mount the folder and give its path instead"
-            )
+            # Fetched by each processor when it loads the registry.
+            specs.append(spec)
+            continue
         assert spec.path is not None
         folder = spec.path if spec.path.is_absolute() else base / spec.path
         if not folder.is_dir():

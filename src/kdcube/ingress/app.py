@@ -11,8 +11,10 @@ import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from kdcube.bundles.live import RegistryCodec
 from kdcube.bus import BusUnavailable, CancelOutcome, TurnJob, parse_event_id
 from kdcube.gateway import Backpressure, Breakers, CircuitOpen
+from kdcube.gateway.distribution import GatewayCodec
 from kdcube.gateway.guarded import GuardedStore
 from kdcube.identity import Identity
 from kdcube.identity.extract import TokenCookies
@@ -21,7 +23,7 @@ from kdcube.ingress.admin import AdminRoutes
 from kdcube.ingress.guard import Guard, circuit_open_error
 from kdcube.ingress.streams import StreamHub, StreamStart
 from kdcube.proc.ending import Ending, emitter_for, end_turn
-from kdcube.runtime.platform import Platform
+from kdcube.runtime.platform import Platform, registry_base
 from kdcube.storage.layout import Layout
 from kdcube.store import ConversationNotFound, DeleteOutcome, NewTurn, StoreUnavailable
 from kdcube.store.ports import TurnRecord
@@ -97,7 +99,10 @@ class _IngressRoutes:
         self.admin = AdminRoutes(
             self._identify,
             gateway.board,
+            GatewayCodec(),
             breakers,
+            platform.bundles,
+            RegistryCodec(registry_base(platform.settings)),
         )
         self.layout = Layout(platform.settings.tenant, platform.settings.project)
         self.cookie_names = TokenCookies.from_settings(platform.settings)

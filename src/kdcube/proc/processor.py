@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from kdcube.bundles import LoadedBundle
+from kdcube.bundles import BundleRegistry, LoadedBundle
+from kdcube.bundles.live import LoadedBundles
 from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
+from kdcube.bus.board import Board
+from kdcube.exec import Executor
 from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
@@ -36,6 +39,8 @@ log = structlog.get_logger("kdcube.proc")
 # turn is left to its lease, and whoever claims it next ends it.
 _SETTLE_S = 20.0
 _BUS_RETRY_S = 1.0
+_RELOAD_WAIT_S = 150.0
+"""How long a turn waits for its bundle to load (a git fetch has 120 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +74,24 @@ class Processor:
         self,
         bus: Bus,
         store: Store,
-        bundles: dict[str, LoadedBundle],
+        bundles: LoadedBundles | Mapping[str, LoadedBundle],
         options: ProcessorOptions,
         *,
         storage: Storage | None = None,
+        registry: Board[BundleRegistry] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self._bus = bus
         self._store = store
         self._storage = storage
         self._asyncio = AsyncioBundles()
-        self._bundles = bundles
+        self._bundles = (
+            bundles
+            if isinstance(bundles, LoadedBundles)
+            else LoadedBundles.fixed(bundles)
+        )
+        self._registry = registry
+        self._executor = executor
         self._options = options
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self._running: dict[str, _RunningTurn] = {}
@@ -109,6 +122,8 @@ class Processor:
         async with anyio.create_task_group() as helpers:
             self._asyncio.host_in(helpers)
             await helpers.start(self._listen_for_cancels)
+            if self._registry is not None:
+                helpers.start_soon(self._follow_registry, self._registry)
             helpers.start_soon(self._beat_forever)
             async with anyio.create_task_group() as turns:
                 task_status.started(self)
@@ -119,6 +134,16 @@ class Processor:
             if not self._bus.durable:
                 await self._interrupt_waiting()
             helpers.cancel_scope.cancel()
+
+    async def _follow_registry(self, registry: Board[BundleRegistry]) -> None:
+        """Reload bundles whenever the live registry changes: new turns get the
+        new code, running ones keep what they started with."""
+        version = registry.version
+        while True:
+            await registry.wait_version(version + 1)
+            version = registry.version
+            await self._bundles.reload(registry.current(), version=version)
+            log.info("bundles.reloaded", version=version, **self._bundles.describe())
 
     async def _claim_forever(self, turns: TaskGroup) -> None:
         while True:
@@ -220,7 +245,7 @@ class Processor:
     async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending | None:
         """Run the turn; None means it had already ended elsewhere."""
         claim, job = turn.claim, turn.claim.job
-        bundle = self._bundles.get(job.bundle_id)
+        bundle = await self._bundle_for(job)
         if claim.started:
             turn.began = True
             earlier = await self._store.turn_outcome(job.turn_id)
@@ -247,12 +272,26 @@ class Processor:
 
         if turn.reason is not None:
             return Ending.stopped(turn.reason)
-        ending = await self._run_bundle(turn, bundle, emitter)
+        with self._bundles.hold(bundle):
+            ending = await self._run_bundle(turn, bundle, emitter)
         if turn.reason is not None:
             return Ending.stopped(turn.reason)
         if ending is None:
             return Ending.stopped(StopReason.WALL)
         return ending
+
+    async def _bundle_for(self, job: TurnJob) -> LoadedBundle | None:
+        """The turn's bundle; one the live registry has but this processor has
+        not loaded yet (a reload under way, a git fetch) is waited for."""
+        bundle = self._bundles.get(job.bundle_id)
+        registry = self._registry
+        if bundle is not None or registry is None:
+            return bundle
+        if registry.current().resolve(job.bundle_id) is None:
+            return None
+        with anyio.move_on_after(_RELOAD_WAIT_S):
+            await self._bundles.wait_loaded(registry.version)
+        return self._bundles.get(job.bundle_id)
 
     @staticmethod
     async def _announce_rerun(
@@ -305,6 +344,7 @@ class Processor:
                 for a in job.attachments
             ],
             opener=self._attachment_opener(job),
+            exec=self._executor,
         )
         ending: Ending | None = None
         with turn.scope:

@@ -6,12 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import structlog
 
 from kdcube.bundles import BundleRegistry, default_registry, read_registry
+from kdcube.bundles.live import RegistryCodec
 from kdcube.bus import Bus
+from kdcube.bus.board import Board, MemoryBoard, RedisBoard
 from kdcube.bus.memory import open_memory_bus
+from kdcube.bus.redis import RedisBus
 from kdcube.config import ConfigError, Settings
 from kdcube.gateway import (
     GatewayBackends,
@@ -41,12 +45,17 @@ class Platform:
     store: Store
     storage: Storage
     scanner: Scanner
-    registry: BundleRegistry
+    bundles: Board[BundleRegistry]
+    """The live bundle registry; ``registry`` is what it says now."""
     authenticator: Authenticator
     gateway: GatewayBackends
     bus_name: str
     store_name: str
     health: Health = field(default_factory=Health)
+
+    @property
+    def registry(self) -> BundleRegistry:
+        return self.bundles.current()
 
     def dependencies(self) -> list[Dependency]:
         """Services this process cannot work without, probed for ``/ready``."""
@@ -56,6 +65,22 @@ class Platform:
             Dependency(self.bus_name, partial(self.bus.state.alive, "proc")),
             Dependency(self.store_name, self.store.ping),
         ]
+
+
+def registry_base(settings: Settings) -> Path:
+    """Where relative bundle paths of an applied registry resolve from."""
+    if settings.bundles is not None:
+        return settings.bundles.resolve().parent
+    return Path.cwd()
+
+
+def registry_board(
+    bus: Bus, baseline: BundleRegistry, base: Path
+) -> Board[BundleRegistry]:
+    codec = RegistryCodec(base)
+    if isinstance(bus, RedisBus):
+        return RedisBoard(bus.commands, bus.keys.bundle_registry(), codec, baseline)
+    return MemoryBoard(codec, baseline)
 
 
 def load_registry(settings: Settings) -> BundleRegistry:
@@ -122,13 +147,14 @@ async def open_platform(settings: Settings) -> AsyncIterator[Platform]:
         gateway = await stack.enter_async_context(
             open_gateway_backends(bus, baseline, redis_url=settings.redis_url)
         )
+        bundles = registry_board(bus, registry, registry_base(settings))
         yield Platform(
             settings,
             bus,
             store,
             storage,
             scanner,
-            registry,
+            bundles,
             authenticator,
             gateway,
             *names,

@@ -19,8 +19,10 @@ import sniffio
 import structlog
 from anyio.abc import TaskStatus
 
-from kdcube.bundles import LoadedBundle, load_bundle
+from kdcube.bundles.git import GitBundles
+from kdcube.bundles.live import LoadedBundles
 from kdcube.config import Settings
+from kdcube.exec import executor_for
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
@@ -88,8 +90,9 @@ class Supervisor:
                 http_closed = anyio.Event()
                 config = hypercorn_config(self._host, self._port)
                 async with anyio.create_task_group() as watchers:
-                    # The live gateway config is read before the first request.
+                    # The live documents are read before the first request.
                     await watchers.start(platform.gateway.board.watch)
+                    await watchers.start(platform.bundles.watch)
                     urls = await root.start(
                         partial(serve_http, app, config, shutdown=http_closed)
                     )
@@ -110,7 +113,8 @@ class Supervisor:
         if Role.PROC not in self._roles:
             return None
 
-        bundles = _load_bundles(platform)
+        bundles = LoadedBundles(self._git_bundles(platform))
+        await bundles.reload(platform.registry, strict=True)
         options = ProcessorOptions(
             concurrency=self._settings.proc_concurrency,
             lease_s=self._settings.lease_s,
@@ -119,10 +123,22 @@ class Supervisor:
             drain_timeout_s=self._settings.drain_timeout_s,
         )
         processor = Processor(
-            platform.bus, platform.store, bundles, options, storage=platform.storage
+            platform.bus,
+            platform.store,
+            bundles,
+            options,
+            storage=platform.storage,
+            registry=platform.bundles,
+            executor=executor_for(self._settings.exec),
         )
         await root.start(processor.serve)
         return processor
+
+    def _git_bundles(self, platform: Platform) -> GitBundles:
+        # Processors on other hosts may share the root (EFS): the bus lock
+        # serializes their fetches too.
+        state = platform.bus.state if platform.bus.durable else None
+        return GitBundles(self._settings.home / "managed-bundles", state=state)
 
     async def _drain(
         self,
@@ -141,10 +157,6 @@ class Supervisor:
             await hub.wait_all_closed()
         http_closed.set()
         log.info("runtime.drained")
-
-
-def _load_bundles(platform: Platform) -> dict[str, LoadedBundle]:
-    return {spec.id: load_bundle(spec) for spec in platform.registry.specs.values()}
 
 
 async def forward_signals(supervisor: Supervisor) -> None:

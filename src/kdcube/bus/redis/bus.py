@@ -44,6 +44,8 @@ class RedisBus:
         max_events: int,
     ) -> None:
         self.keys = keys
+        self.commands = commands
+        """The short-command client, for other live records of the deployment."""
         self.queue = RedisQueue(commands, waits, keys)
         self.relay = RedisRelay(
             commands, waits, keys, retention_s=retention_s, max_events=max_events

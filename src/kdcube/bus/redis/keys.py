@@ -160,5 +160,9 @@ class KeyLayout:
         """Hash: the live gateway config document and its version."""
         return self._key("gw", "config")
 
+    def bundle_registry(self) -> str:
+        """Hash: the live bundle registry document and its version."""
+        return self._key("bundles", "registry")
+
     def _key(self, *parts: str) -> str:
         return ":".join((self.root, *parts))
