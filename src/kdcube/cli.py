@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import anyio
 import click
 
-from kdcube.bundles import BundleLoadError, RegistryError
+from kdcube.bundles import BundleLoadError, RegistryError, read_registry
 from kdcube.config import ConfigError, Settings, load_settings
 from kdcube.logs import configure_logging
 from kdcube.runtime.supervisor import Role, Running, Supervisor, serve_until_stopped
@@ -154,6 +154,50 @@ def gateway_reset(url: str, token: str | None) -> None:
 def gateway_show(url: str, token: str | None) -> None:
     """Print the config in force, its version and the circuit breakers."""
     answer = _admin_call("GET", url, "/admin/gateway", token)
+    click.echo(json.dumps(answer, indent=2))
+
+
+@main.group()
+def bundles() -> None:
+    """Check or change the live bundle registry (bundles.yaml)."""
+
+
+@bundles.command("validate")
+@_file_argument
+def bundles_validate(file: Path) -> None:
+    """Check FILE locally (schema and mounted folders); nothing is sent."""
+    try:
+        read_registry(file)
+    except RegistryError as exc:
+        _fail(str(exc))
+    click.echo(f"kdcube: {file} is a valid bundle registry")
+
+
+@bundles.command("apply")
+@_file_argument
+@_url_option
+@_token_option
+def bundles_apply(file: Path, url: str, token: str | None) -> None:
+    """Apply FILE to every processor; new turns get the new bundles."""
+    answer = _admin_call("POST", url, "/admin/bundles", token, body=file.read_bytes())
+    click.echo(f"kdcube: bundle registry version {answer['version']} applied")
+
+
+@bundles.command("reset")
+@_url_option
+@_token_option
+def bundles_reset(url: str, token: str | None) -> None:
+    """Go back to the registry the processes started from."""
+    answer = _admin_call("POST", url, "/admin/bundles/reset", token)
+    click.echo(f"kdcube: bundle registry reset (version {answer['version']})")
+
+
+@bundles.command("show")
+@_url_option
+@_token_option
+def bundles_show(url: str, token: str | None) -> None:
+    """Print the registry in force and its version."""
+    answer = _admin_call("GET", url, "/admin/bundles", token)
     click.echo(json.dumps(answer, indent=2))
 
 

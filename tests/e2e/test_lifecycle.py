@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -152,3 +153,31 @@ def test_bad_bundles_file_is_a_clear_error(tmp_path: Path) -> None:
 
     assert process.returncode == 2
     assert "nowhere" in err and "is not a folder" in err
+
+
+async def _cli_done(*args: str, url: str) -> tuple[int, str, str]:
+    process = _cli(*args, "--url", url, "--token", "dev-admin-root")
+    out, err = await anyio.to_thread.run_sync(process.communicate, None, 30)
+    return process.returncode, out, err
+
+
+@pytest.mark.slow
+async def test_the_cli_applies_the_live_documents(tmp_path: Path) -> None:
+    gateway = tmp_path / "gateway.yaml"
+    gateway.write_text("rate_limits: {registered: {burst: 7}}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rate_limits: {registered: {burst: -1}}\n")
+    async with _kdcube_run(tmp_path) as (_, client):
+        url = str(client.base_url)
+        applied = await _cli_done("gateway", "apply", str(gateway), url=url)
+        refused = await _cli_done("gateway", "apply", str(broken), url=url)
+        bundles = await _cli_done(
+            "bundles", "apply", str(write_bundles(tmp_path)), url=url
+        )
+        shown = await _cli_done("gateway", "show", url=url)
+
+    assert applied[0] == 0 and "version 1 applied" in applied[1]
+    assert refused[0] == 2 and "rate_limits.registered.burst" in refused[2]
+    assert bundles[0] == 0 and "bundle registry version 1 applied" in bundles[1]
+    assert shown[0] == 0
+    assert json.loads(shown[1])["config"]["rate_limits"]["registered"]["burst"] == 7
