@@ -37,6 +37,7 @@ def write_bundles(folder: Path) -> Path:
         {"id": "failing", "path": str(tests / "failing")},
         {"id": "quiet", "path": str(tests / "quiet")},
         {"id": "reader", "path": str(tests / "reader")},
+        {"id": "maker", "path": str(tests / "maker")},
         {"id": "coder", "path": str(REPO / "bundles" / "coder")},
         {
             "id": "asyncio",

@@ -17,7 +17,9 @@ so ``finally`` blocks and ``async with`` exits run as usual.
 
 Files the user sent with the prompt are listed in ``ctx.attachments`` (already
 type-checked and virus-scanned) and read with ``ctx.open_attachment(name)``,
-chunk by chunk, or ``await ctx.read_attachment(name)`` for small ones.
+chunk by chunk, or ``await ctx.read_attachment(name)`` for small ones. Files
+the bundle produces go to ``await ctx.artifact(name, data, mime=...)``. The
+conversation so far is ``ctx.history``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from kdcube.exec import Executor
 
-__all__ = ["Attachment", "BundleRun", "Emitter", "TurnContext"]
+__all__ = ["Attachment", "BundleRun", "Emitter", "PastTurn", "TurnContext"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,22 @@ class Attachment:
 
 
 AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
+ArtifactSaver = Callable[[str, bytes, str], Awaitable[Attachment]]
+
+
+@dataclass(frozen=True, slots=True)
+class PastTurn:
+    """An earlier turn of the conversation, for context."""
+
+    turn_id: str
+    prompt: str
+    answer: str | None
+    """The final answer; None for a turn that failed or was cancelled."""
+    state: str
+
+
+async def _no_storage(name: str, data: bytes, mime: str) -> Attachment:
+    raise RuntimeError("this turn cannot store artifacts (no storage configured)")
 
 
 async def _no_files(name: str) -> AsyncIterator[bytes]:
@@ -82,6 +100,17 @@ class TurnContext:
     opener: AttachmentOpener = _no_files
     exec: Executor | None = None
     """Runs code for the bundle (``kdcube.exec``); None where that is off."""
+    history: Sequence[PastTurn] = ()
+    """The conversation's earlier turns, oldest first (at most 20)."""
+    saver: ArtifactSaver = _no_storage
+
+    async def artifact(
+        self, name: str, data: bytes | str, *, mime: str = "text/plain"
+    ) -> Attachment:
+        """Store a file the turn produced: it is listed on the turn (name made
+        safe, a same-named one replaced) and its owner can download it."""
+        body = data.encode() if isinstance(data, str) else data
+        return await self.saver(name, body, mime)
 
     def open_attachment(self, name: str) -> AsyncIterator[bytes]:
         """Stream an attachment's bytes; LookupError when the turn has none by

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import structlog
@@ -179,6 +179,11 @@ class _IngressRoutes:
         app.add_url_rule(
             "/api/conversations/<conversation_id>/turns/<turn_id>/attachments/<path:name>",
             view_func=self._needs_redis(self.download_attachment),
+            methods=["GET"],
+        )
+        app.add_url_rule(
+            "/api/conversations/<conversation_id>/turns/<turn_id>/artifacts/<path:name>",
+            view_func=self._needs_redis(self.download_artifact),
             methods=["GET"],
         )
 
@@ -492,18 +497,28 @@ class _IngressRoutes:
     async def download_attachment(
         self, conversation_id: str, turn_id: str, name: str
     ) -> Response:
+        return await self._download("attachment", conversation_id, turn_id, name)
+
+    async def download_artifact(
+        self, conversation_id: str, turn_id: str, name: str
+    ) -> Response:
+        return await self._download("artifact", conversation_id, turn_id, name)
+
+    async def _download(
+        self, kind: FileKind, conversation_id: str, turn_id: str, name: str
+    ) -> Response:
+        """A file of the caller's turn: one they sent, or one the bundle made."""
         identity = await self._reader()
         try:
             detail = await self.store.conversation(identity.user_id, conversation_id)
         except ConversationNotFound:
-            raise not_found("attachment") from None
-        record = _attachment_record(detail.turns, turn_id, name)
+            raise not_found(kind) from None
+        record = _file_record(detail.turns, turn_id, kind, name)
         if record is None:
-            raise not_found("attachment")
+            raise not_found(kind)
 
-        key = self.layout.turn_prefix(
-            "attachments", identity.user_id, conversation_id, turn_id
-        ) + str(record["name"])
+        key = _file_key(self.layout, kind, identity.user_id, conversation_id, turn_id)
+        key += str(record["name"])
         url = await self.platform.storage.download_url(
             key, expires_s=_DOWNLOAD_URL_TTL_S
         )
@@ -583,16 +598,29 @@ class _IngressRoutes:
             )
 
 
-def _attachment_record(
-    turns: list[TurnRecord], turn_id: str, name: str
+FileKind = Literal["attachment", "artifact"]
+
+
+def _file_record(
+    turns: list[TurnRecord], turn_id: str, kind: FileKind, name: str
 ) -> dict[str, Any] | None:
     for turn in turns:
         if turn.turn_id != turn_id:
             continue
-        for record in turn.attachments:
+        records = turn.attachments if kind == "attachment" else turn.artifacts
+        for record in records:
             if record.get("name") == name:
                 return record
     return None
+
+
+def _file_key(
+    layout: Layout, kind: FileKind, owner: str, conversation_id: str, turn_id: str
+) -> str:
+    """Where the processor (artifacts) or the ingress (attachments) stored it."""
+    if kind == "attachment":
+        return layout.turn_prefix("attachments", owner, conversation_id, turn_id)
+    return layout.artifacts_prefix(owner, conversation_id, turn_id)
 
 
 class Caller(NamedTuple):

@@ -66,6 +66,7 @@ def _crossing_to_trio(context: TurnContext) -> TurnContext:
         context,
         emit=_TrioEmitter(context.emit),
         opener=lambda name: _trio_iterator(context.opener(name)),
+        saver=lambda name, data, mime: _on_trio(context.saver, name, data, mime),
     )
 
 
@@ -102,9 +103,9 @@ class _TrioEmitter:
         await _on_trio(self._emit.followups, suggestions)
 
 
-async def _on_trio(fn: Any, *args: Any, **kwargs: Any) -> None:
+async def _on_trio(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from trio_asyncio import trio_as_aio
 
     # The loop is named: trio-asyncio finds it by a context variable of the
     # Trio task that opened it, which the turn's task is not.
-    await trio_as_aio(fn, loop=asyncio.get_running_loop())(*args, **kwargs)
+    return await trio_as_aio(fn, loop=asyncio.get_running_loop())(*args, **kwargs)

@@ -27,9 +27,15 @@ from kdcube.exec import Executor
 from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
-from kdcube.sdk import Attachment, AttachmentOpener, TurnContext
+from kdcube.sdk import (
+    ArtifactSaver,
+    Attachment,
+    AttachmentOpener,
+    PastTurn,
+    TurnContext,
+)
 from kdcube.storage import Storage
-from kdcube.storage.layout import Layout
+from kdcube.storage.layout import Layout, safe_file_name
 from kdcube.store import Store, StoreUnavailable
 from kdcube.wire.ids import new_id
 
@@ -308,6 +314,33 @@ class Processor:
             once=f"{turn_id}:rerun",
         )
 
+    async def _history(self, job: TurnJob) -> list[PastTurn]:
+        earlier = await self._store.history(
+            job.user_id, job.conversation_id, before_turn_id=job.turn_id
+        )
+        return [
+            PastTurn(turn.turn_id, turn.prompt, turn.final_answer, turn.state.value)
+            for turn in earlier
+        ]
+
+    def _artifact_saver(self, job: TurnJob, emitter: TurnEmitter) -> ArtifactSaver:
+        prefix = Layout(job.tenant, job.project).artifacts_prefix(
+            job.user_id, job.conversation_id, job.turn_id
+        )
+        storage, store = self._storage, self._store
+
+        async def save(name: str, data: bytes, mime: str) -> Attachment:
+            if storage is None:
+                raise RuntimeError("this processor has no storage for artifacts")
+            safe = safe_file_name(name)
+            await storage.put(prefix + safe, data)
+            record = {"name": safe, "mime": mime, "size": len(data)}
+            await store.add_artifact(job.turn_id, record)
+            await emitter.step("artifact", status="completed", title=safe, data=record)
+            return Attachment(safe, mime, len(data))
+
+        return save
+
     def _attachment_opener(self, job: TurnJob) -> AttachmentOpener:
         layout = Layout(job.tenant, job.project)
         prefix = layout.turn_prefix(
@@ -345,6 +378,8 @@ class Processor:
             ],
             opener=self._attachment_opener(job),
             exec=self._executor,
+            history=await self._history(job),
+            saver=self._artifact_saver(job, emitter),
         )
         ending: Ending | None = None
         with turn.scope:

@@ -32,6 +32,11 @@ class Layout:
         root = f"cb/tenants/{self.tenant}/projects/{self.project}"
         return f"{root}/{area}/{_segment(owner)}/{conversation_id}/{turn_id}/"
 
+    def artifacts_prefix(self, owner: str, conversation_id: str, turn_id: str) -> str:
+        """The folder of the files a turn's bundle produced."""
+        turn = self.turn_prefix("conversation", owner, conversation_id, turn_id)
+        return turn + "artifacts/"
+
     def conversation_prefix(self, area: Area, owner: str, conversation_id: str) -> str:
         root = f"cb/tenants/{self.tenant}/projects/{self.project}"
         return f"{root}/{area}/{_segment(owner)}/{conversation_id}/"
