@@ -295,3 +295,76 @@ async def test_an_ending_recorded_but_never_announced_is_announced_once(
     assert ending["final_answer"] == "from the dead"
     assert routes.count("chat_complete") == 1
     assert "chat_service" not in routes, "a turn that had ended is not rerun"
+
+
+class Stubborn:
+    """A bundle that ignores cancellation for ``hold_s``, then tries to talk."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.started = anyio.Event()
+        self.finished_at: float | None = None
+        self.late_emit: BaseException | None = None
+
+    async def __call__(self, ctx: TurnContext) -> str:
+        await ctx.delta("working")
+        self.started.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(self.hold_s)
+            try:
+                await ctx.delta("too late")
+            except Exception as exc:
+                self.late_emit = exc
+        self.finished_at = trio.current_time()
+        return "never seen"
+
+
+async def test_a_bundle_ignoring_cancel_loses_its_turn_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    stubborn = Stubborn(hold_s=100)
+    async with rig(
+        tmp_path, stubborn, concurrency=1, cancel_grace_s=5, drain_timeout_s=30
+    ) as r:
+        await r.submit("t1")
+        await stubborn.started.wait()
+        begun = trio.current_time()
+        r.processor.begin_drain()
+        ending = await r.ending("t1")
+        ended_at = trio.current_time()
+        in_flight = r.processor.in_flight
+        routes = await r.routes("t1")
+
+    assert (ending["error_type"], ending["reason"]) == (
+        "turn_interrupted",
+        "server_shutdown",
+    )
+    assert 35 <= ended_at - begun < 36, "drain deadline plus the grace, no more"
+    assert in_flight == 0, "the slot is free while the bundle still runs"
+    assert stubborn.finished_at is not None and stubborn.finished_at - begun >= 100
+    assert type(stubborn.late_emit).__name__ == "TurnEnded"
+    assert routes.count("chat_delta") == 1 and routes[-1] == "conv_status"
+
+
+async def test_a_cancelled_turn_frees_its_slot_for_the_next_one(
+    tmp_path: Path,
+) -> None:
+    stubborn = Stubborn(hold_s=100)
+
+    async def either(ctx: TurnContext) -> str | None:
+        if ctx.turn_id == "t1":
+            return await stubborn(ctx)
+        return "second"
+
+    async with rig(tmp_path, either, concurrency=1, cancel_grace_s=5) as r:
+        await r.submit("t1", conversation_id="c1")
+        await stubborn.started.wait()
+        await r.bus.queue.cancel("t1")
+        await r.submit("t2", conversation_id="c2")
+        first = await r.ending("t1")
+        second = await r.ending("t2")
+        still_running = stubborn.finished_at is None
+
+    assert first["error_type"] == "cancelled"
+    assert second["final_answer"] == "second"
+    assert still_running, "the second turn ran while the first bundle held on"

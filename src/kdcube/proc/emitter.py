@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 
 from kdcube.bus import BusUnavailable, Relay
+from kdcube.sdk import Emitter
 from kdcube.wire import events
 from kdcube.wire.events import Route, TurnAddress
 from kdcube.wire.sse import dumps
@@ -142,3 +143,49 @@ class TurnEmitter:
             event={"step": "followups", "status": "completed"},
         )
         await self.publish(Route.CHAT_STEP, body)
+
+
+class TurnEnded(RuntimeError):
+    """The bundle emitted after its turn had ended (it ignored a cancel)."""
+
+
+class SealedEmitter:
+    """The emitter as a bundle sees it: closed for good once its turn ends.
+
+    A bundle that ignored its cancellation and talks on after the turn's
+    terminal event must not reach the stream; it gets TurnEnded instead, which
+    also helps it stop.
+    """
+
+    def __init__(self, emitter: Emitter) -> None:
+        self._emitter = emitter
+        self._sealed = False
+
+    def seal(self) -> None:
+        self._sealed = True
+
+    def _check(self) -> None:
+        if self._sealed:
+            raise TurnEnded("this turn has ended; nothing more reaches the user")
+
+    async def delta(self, text: str, *, marker: str = "answer") -> None:
+        self._check()
+        await self._emitter.delta(text, marker=marker)
+
+    async def step(
+        self,
+        step: str,
+        *,
+        status: str = "running",
+        title: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        agent: str | None = None,
+    ) -> None:
+        self._check()
+        await self._emitter.step(
+            step, status=status, title=title, data=data, agent=agent
+        )
+
+    async def followups(self, suggestions: Sequence[str]) -> None:
+        self._check()
+        await self._emitter.followups(suggestions)

@@ -10,6 +10,7 @@ when the turn was cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +26,7 @@ from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
 from kdcube.bus.board import Board
 from kdcube.exec import Executor
 from kdcube.proc.asyncio_bundles import AsyncioBundles
-from kdcube.proc.emitter import TurnEmitter
+from kdcube.proc.emitter import SealedEmitter, TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
 from kdcube.sdk import (
     ArtifactSaver,
@@ -57,6 +58,26 @@ class ProcessorOptions:
     wall_timeout_s: float = 2400.0
     drain_timeout_s: float = 30.0
     heartbeat_s: float = 5.0
+    cancel_grace_s: float = 5.0
+    """How long a stopped bundle may take to unwind before its turn ends
+    without it (its slot is freed; the bundle finishes on its own)."""
+
+
+@dataclass(slots=True)
+class _BundleCall:
+    """One run of a bundle for a turn, and how it ended."""
+
+    bundle: LoadedBundle
+    context: TurnContext
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    ending: Ending | None = None
+    """None while it runs, and when it was cancelled."""
+
+    @property
+    def emit(self) -> SealedEmitter:
+        assert isinstance(self.context.emit, SealedEmitter)
+        return self.context.emit
 
 
 @dataclass(slots=True)
@@ -76,6 +97,9 @@ class _RunningTurn:
 
 
 class Processor:
+    _bundle_calls: TaskGroup
+    """Where bundles run, beside their turns (see ``_call_bundle``)."""
+
     def __init__(
         self,
         bus: Bus,
@@ -131,11 +155,14 @@ class Processor:
             if self._registry is not None:
                 helpers.start_soon(self._follow_registry, self._registry)
             helpers.start_soon(self._beat_forever)
-            async with anyio.create_task_group() as turns:
-                task_status.started(self)
-                with self._intake:
-                    await self._claim_forever(turns)
-                await self._finish_in_flight()
+            # Bundle calls live beside the turns, not inside them: a bundle
+            # that ignores cancellation finishes here after its turn ended.
+            async with anyio.create_task_group() as self._bundle_calls:
+                async with anyio.create_task_group() as turns:
+                    task_status.started(self)
+                    with self._intake:
+                        await self._claim_forever(turns)
+                    await self._finish_in_flight()
 
             if not self._bus.durable:
                 await self._interrupt_waiting()
@@ -381,30 +408,63 @@ class Processor:
             history=await self._history(job),
             saver=self._artifact_saver(job, emitter),
         )
-        ending: Ending | None = None
+        sealable = SealedEmitter(emitter)
+        call = _BundleCall(bundle, dataclasses.replace(context, emit=sealable))
+        self._bundle_calls.start_soon(self._call_bundle, call)
         with turn.scope:
             turn.scope.deadline = anyio.current_time() + self._options.wall_timeout_s
             async with anyio.create_task_group() as guards:
                 guards.start_soon(self._watch_idle, turn, emitter)
                 try:
-                    if bundle.on_asyncio:
-                        answer = await self._asyncio.run(bundle.run, context)
-                    else:
-                        answer = await bundle.run(context)
-                    ending = Ending.completed(answer or "")
-                except Exception as exc:
-                    log.error(
-                        "bundle.failed",
-                        turn_id=job.turn_id,
-                        bundle_id=job.bundle_id,
-                        exc_info=exc,
-                    )
-                    ending = Ending.failed(
-                        "bundle_error", "The assistant failed to answer."
-                    )
+                    await call.done.wait()
                 finally:
                     guards.cancel_scope.cancel()
-        return ending
+        if not call.done.is_set():
+            await self._stop_call(call, job)
+        return call.ending
+
+    async def _call_bundle(self, call: _BundleCall) -> None:
+        """Run the bundle in a task of its own, so that a bundle that ignores
+        cancellation cannot hold its turn (or its slot) past the grace."""
+        job_id = call.context.turn_id
+        try:
+            with call.scope:
+                if call.bundle.on_asyncio:
+                    answer = await self._asyncio.run(call.bundle.run, call.context)
+                else:
+                    answer = await call.bundle.run(call.context)
+                call.ending = Ending.completed(answer or "")
+        except Exception as exc:
+            log.error(
+                "bundle.failed",
+                turn_id=job_id,
+                bundle_id=call.bundle.spec.id,
+                exc_info=exc,
+            )
+            call.ending = Ending.failed(
+                "bundle_error", "The assistant failed to answer."
+            )
+        finally:
+            call.emit.seal()
+            call.done.set()
+
+    async def _stop_call(self, call: _BundleCall, job: TurnJob) -> None:
+        call.scope.cancel()
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self._options.cancel_grace_s),
+        ):
+            await call.done.wait()
+        if not call.done.is_set():
+            # The turn ends now; whatever the bundle still says is dropped.
+            call.emit.seal()
+            call.ending = None
+            log.warning(
+                "bundle.ignores_cancel",
+                turn_id=job.turn_id,
+                bundle_id=job.bundle_id,
+                grace_s=self._options.cancel_grace_s,
+            )
 
     async def _watch_idle(self, turn: _RunningTurn, emitter: TurnEmitter) -> None:
         while True:
