@@ -5,10 +5,11 @@
    asyncio copy: its source with ``anyio`` swapped for ``asyncio`` plus
    ``EVENT_LOOP = "asyncio"``, written to a temp folder, so the processor runs
    it through trio-asyncio. One kdcube server (ingress and processor, embedded
-   backends, Trio) runs in this process, with both bundles registered. Each
-   user holds its own SSE stream and posts turns back to back (a new
-   conversation each, so history does not grow); the turn's latency is from
-   just before ``POST /sse/chat`` to its ``chat_complete`` on the stream.
+   backends, Trio, gateway off) runs in this process, with both bundles
+   registered. Each user holds its own SSE stream and posts turns back to
+   back (a new conversation each, so history does not grow); the turn's
+   latency is from just before ``POST /sse/chat`` to its ``chat_complete`` on
+   the stream.
    Every cell is taken in ``--slices`` parts interleaved native, asyncio,
    asyncio, native, ... so drift of the machine's load falls on both. CPU is
    this process's CPU time over the measured window per turn: the server's,
@@ -47,14 +48,15 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.git_repos import Origin, new_origin  # noqa: E402
+from tests.helpers import TERMINAL, EventStream, open_stream, submit  # noqa: E402
+
 from kdcube.bundles.git import GitBundles  # noqa: E402
 from kdcube.bundles.loader import load_bundle  # noqa: E402
 from kdcube.bundles.registry import BundleSpec  # noqa: E402
 from kdcube.config import Settings  # noqa: E402
 from kdcube.logs import configure_logging  # noqa: E402
 from kdcube.runtime.supervisor import Role, Running, Supervisor  # noqa: E402
-from tests.git_repos import Origin, new_origin  # noqa: E402
-from tests.helpers import TERMINAL, EventStream, open_stream, submit  # noqa: E402
 
 ECHO = REPO / "bundles" / "echo"
 BUNDLES = ("native", "asyncio")
@@ -206,8 +208,13 @@ async def measure_turns(url: str, args: argparse.Namespace) -> list[Cell]:
 
 async def serve_and_measure(folder: Path, args: argparse.Namespace) -> list[Cell]:
     """Start every role in this event loop, measure, then drain it."""
-    folder.mkdir()
-    settings = Settings(home=folder / "home", bundles=write_bundles(folder))
+    await anyio.Path(folder).mkdir()
+    gateway = folder / "gateway.yaml"
+    # Rate limits would refuse a user's hundreds of turns a minute.
+    await anyio.Path(gateway).write_text("gateway:\n  enabled: false\n")
+    settings = Settings(
+        home=folder / "home", bundles=write_bundles(folder), gateway_config=gateway
+    )
     supervisor = Supervisor(
         settings, {Role.INGRESS, Role.PROC}, host="127.0.0.1", port=0
     )
@@ -273,9 +280,9 @@ async def git_load(git: GitBundles, spec: BundleSpec) -> Load:
 
 
 async def measure_git(folder: Path, repeats: int) -> dict[str, list[Load]]:
-    folder.mkdir()
+    await anyio.Path(folder).mkdir()
     origin: Origin = await anyio.to_thread.run_sync(new_origin, folder / "origin")
-    spec = BundleSpec(id="bench", repo=origin.url, ref="main")
+    spec = BundleSpec(id="bench", repo=origin.url, ref="main", subdir="bundle")
     cold = [
         await git_load(GitBundles(folder / f"cold-{i}"), spec) for i in range(repeats)
     ]

@@ -7,7 +7,8 @@ prompt. It runs on the deployment's executor (``ctx.exec``, chosen by
 sandbox; where running code is off, the turn says so and ends. What the
 snippet prints streams as answer deltas while it runs; the deltas add up to
 the final answer, which also carries the tail of the error output and the
-exit code when the snippet fails, and lists the files it wrote into ``out/``.
+exit code when the snippet fails, and lists the files it wrote into ``out/``,
+which are kept as the turn's artifacts (downloadable by the user).
 It needs no model, so it doubles as a demo.
 
 Config: ``timeout_s`` (default 10), ``memory_mb`` (256) and
@@ -15,7 +16,7 @@ Config: ``timeout_s`` (default 10), ``memory_mb`` (256) and
 
 Known shortcomings: the output is fenced with four backticks while it streams,
 so a printed line that starts with four backticks ends the block early. Files
-in ``out/`` are listed but not kept; storing them as artifacts comes later.
+in nested folders of ``out/`` are kept under their base name.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ async def run(ctx: TurnContext) -> str:
         title="Ran the snippet" if result.ok else "The snippet failed",
         data=summary(result),
     )
+    for name, content in sorted(result.files.items()):
+        await ctx.artifact(name, content, mime="application/octet-stream")
     await answer.finish(result)
     return answer.text
 

@@ -108,15 +108,23 @@ async def test_a_failing_snippet_reports_its_error_and_exit_code(
     assert steps(events)[1]["data"]["exit_code"] == 1
 
 
-async def test_files_written_to_out_are_listed(tmp_path: Path) -> None:
+async def test_files_written_to_out_are_kept_as_artifacts(tmp_path: Path) -> None:
     prompt = fenced("open('out/report.txt', 'w').write('done')")
     async with serve(tmp_path) as server, open_stream(server.client, "alice") as stream:
-        _, events = await run_turn(server, stream, prompt)
+        ack, events = await run_turn(server, stream, prompt)
+        detail = await server.client.get(
+            f"/api/conversations/{ack['conversation_id']}", headers=auth("alice")
+        )
 
     answer = final_answer(events)
     assert "The snippet printed nothing." in answer
     assert "`report.txt` (4 bytes)" in answer
-    assert steps(events)[1]["data"]["files"] == ["report.txt"]
+    exec_steps = [s for s in steps(events) if s["event"]["step"] == "exec"]
+    assert exec_steps[1]["data"]["files"] == ["report.txt"]
+    [turn] = detail.json()["turns"]
+    assert turn["artifacts"] == [
+        {"name": "report.txt", "mime": "application/octet-stream", "size": 4}
+    ]
 
 
 async def test_cancel_stops_an_endless_snippet_and_its_process(
