@@ -9,18 +9,17 @@
    registered. Each user holds its own SSE stream and posts turns back to
    back (a new conversation each, so history does not grow); the turn's
    latency is from just before ``POST /sse/chat`` to its ``chat_complete`` on
-   the stream.
-   Every cell is taken in ``--slices`` parts interleaved native, asyncio,
-   asyncio, native, ... so drift of the machine's load falls on both. CPU is
-   this process's CPU time over the measured window per turn: the server's,
-   plus the httpx client's, which is the same for both bundles.
+   the stream. Every cell is taken in ``--slices`` parts interleaved native,
+   asyncio, asyncio, native, ... so drift of the machine's load falls on both.
+   CPU is this process's CPU time over the measured window per turn: the
+   server's, plus the httpx client's, which is the same for both bundles.
 2. Git bundle load: ``GitBundles.materialize`` then ``load_bundle`` of a
    bundle in a local bare repo (file:// URL, so no network). Cold: a new
    managed root each time. Warm: the commit is already checked out (the ref is
    still resolved against the remote, as at reload). New commit: right after a
    push of a new commit (the push is not timed). Median of ``--repeats``.
 
-    .venv/bin/python bench/bundles.py                  # both, about a minute
+    .venv/bin/python bench/bundles.py                  # both, about 20 s
     .venv/bin/python bench/bundles.py --part turns --turns 1000
     .venv/bin/python bench/bundles.py --part git --repeats 9
 """
@@ -158,7 +157,7 @@ async def run_slice(
         f"{cell.bundle}-c{cell.concurrency}-s{slice_no}-u{i}"
         for i in range(cell.concurrency)
     ]
-    per_user = max(1, turns // len(users))
+    per_user = max(1, -(-turns // len(users)))
     async with AsyncExitStack() as stack:
         streams = [
             await stack.enter_async_context(open_stream(client, user, user))
@@ -324,7 +323,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16]
     )
-    parser.add_argument("--slices", type=int, default=2, help="parts per cell")
+    parser.add_argument("--slices", type=int, default=4, help="parts per cell")
     parser.add_argument(
         "--warmup", type=int, default=2, help="turns per user, per part"
     )
