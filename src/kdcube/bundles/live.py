@@ -131,7 +131,9 @@ class LoadedBundles:
             if self._sources.get(spec.id) == source:
                 return self._current[spec.id], source
             loaded = load_bundle(folder_spec)
-        except BundleLoadError as exc:
+        except Exception as exc:
+            # Any failure (git, import, a locked folder) leaves this bundle as
+            # it was; at start-up it stops the process instead.
             if strict:
                 raise
             log.error("bundles.reload_failed", bundle_id=spec.id, error=str(exc))
@@ -187,7 +189,11 @@ class LoadedBundles:
             for bundle in (*self._current.values(), *self._retired.values())
             if bundle.spec.path is not None
         }
-        await self._git.cleanup(keep=in_use)
+        try:
+            await self._git.cleanup(keep=in_use)
+        except Exception as exc:
+            # Old checkouts stay until the next reload's cleanup.
+            log.warning("bundles.cleanup_failed", error=str(exc))
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, for logs and the admin view."""

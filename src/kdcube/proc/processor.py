@@ -175,7 +175,13 @@ class Processor:
         while True:
             await registry.wait_version(version + 1)
             version = registry.version
-            await self._bundles.reload(registry.current(), version=version)
+            try:
+                await self._bundles.reload(registry.current(), version=version)
+            except Exception as exc:
+                # A registry this processor cannot load must not stop it:
+                # it keeps serving the bundles it has.
+                log.error("bundles.reload_failed", version=version, exc_info=exc)
+                continue
             log.info("bundles.reloaded", version=version, **self._bundles.describe())
 
     async def _claim_forever(self, turns: TaskGroup) -> None:
