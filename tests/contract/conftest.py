@@ -52,7 +52,9 @@ from .redis_backend import (
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     if request.param == "trio" and (
-        _on_asyncio_driver(request) or wants_real_clock(request) or _on_s3(request)
+        _on_asyncio_driver(request)
+        or wants_real_clock(request)
+        or _on_storage(request)
     ):
         return "trio", {}
     if request.param == "trio":
@@ -202,10 +204,12 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield from _walk(path)
 
 
-def _on_s3(request: pytest.FixtureRequest) -> bool:
-    """Whether the test runs the S3 adapter, whose HTTP timeouts need real time."""
+def _on_storage(request: pytest.FixtureRequest) -> bool:
+    """Whether the test runs a storage adapter: S3's HTTP timeouts need real
+    time, and the local adapter waits on worker threads, which an autojump
+    clock turns into a busy loop that starves those very threads."""
     params = getattr(request.node, "callspec", None)
-    return params is not None and params.params.get("storage_backend") == "s3"
+    return params is not None and "storage_backend" in params.params
 
 
 @asynccontextmanager
