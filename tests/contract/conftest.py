@@ -52,9 +52,7 @@ from .redis_backend import (
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     if request.param == "trio" and (
-        _on_asyncio_driver(request)
-        or wants_real_clock(request)
-        or _on_storage(request)
+        _on_asyncio_driver(request) or wants_real_clock(request) or _on_storage(request)
     ):
         return "trio", {}
     if request.param == "trio":
