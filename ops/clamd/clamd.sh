@@ -43,8 +43,10 @@ install_clamd() {
   # A fresh container has no package lists; update only when the install needs it.
   local packages=(clamav-daemon clamdscan)
   export DEBIAN_FRONTEND=noninteractive
-  as_root apt-get install -y --no-install-recommends "${packages[@]}" \
-    || { as_root apt-get update && as_root apt-get install -y --no-install-recommends "${packages[@]}"; }
+  # Another install may hold dpkg's lock for a while; wait for it, not fail.
+  local apt=(apt-get -o DPkg::Lock::Timeout=300)
+  as_root "${apt[@]}" install -y --no-install-recommends "${packages[@]}" \
+    || { as_root "${apt[@]}" update && as_root "${apt[@]}" install -y --no-install-recommends "${packages[@]}"; }
   echo "installed: $(clamd_binary)"
 }
 
