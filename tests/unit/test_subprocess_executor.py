@@ -23,6 +23,7 @@ from kdcube.exec import (
     SubprocessExecutor,
     executor_for,
 )
+from kdcube.exec.workspace import OutCaps
 
 pytestmark = pytest.mark.anyio
 
@@ -115,7 +116,7 @@ Path("scratch.txt").write_text("not returned")
 
 
 async def test_out_files_over_the_caps_are_left_out(root: Path) -> None:
-    executor = SubprocessExecutor(root=root, max_out_files=2, max_out_bytes=10)
+    executor = SubprocessExecutor(root=root, out_caps=OutCaps(files=2, bytes=10))
     code = "\n".join(
         f"open('out/{name}', 'wb').write(b'x' * {size})"
         for name, size in (("a", 4), ("b", 20), ("c", 4), ("d", 1))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal, Protocol
 
+import structlog
+
 __all__ = [
     "MiB",
     "ExecError",
@@ -28,7 +30,10 @@ __all__ = [
     "Executor",
     "OutputSink",
     "StreamName",
+    "finished",
 ]
+
+log = structlog.get_logger("kdcube.exec")
 
 MiB = 1024 * 1024
 CODE_FILE = "main.py"
@@ -125,3 +130,19 @@ class Executor(Protocol):
     ) -> ExecResult:
         """Run ``request`` to its end, its time limit or the caller's cancel."""
         ...
+
+
+def finished(result: ExecResult) -> ExecResult:
+    """Log the end of a run and hand its result back."""
+    log.info(
+        "exec.finished",
+        run_id=result.run_id,
+        exit_code=result.exit_code,
+        duration_s=round(result.duration_s, 3),
+        timed_out=result.timed_out,
+        stdout_bytes=len(result.stdout),
+        stderr_bytes=len(result.stderr),
+        truncated=result.stdout_truncated or result.stderr_truncated,
+        files=len(result.files),
+    )
+    return result
