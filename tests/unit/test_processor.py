@@ -332,7 +332,11 @@ async def test_a_bundle_ignoring_cancel_loses_its_turn_after_the_grace(
         r.processor.begin_drain()
         ending = await r.ending("t1")
         ended_at = trio.current_time()
-        in_flight = r.processor.in_flight
+        # The turn lets go of its slot only after settling (the ending is
+        # published, the queue acked); wait for that, not for the bundle.
+        while r.processor.in_flight and stubborn.finished_at is None:
+            await anyio.sleep(0.01)
+        in_flight, freed_at = r.processor.in_flight, trio.current_time()
         routes = await r.routes("t1")
 
     assert (ending["error_type"], ending["reason"]) == (
@@ -342,6 +346,7 @@ async def test_a_bundle_ignoring_cancel_loses_its_turn_after_the_grace(
     assert 35 <= ended_at - begun < 36, "drain deadline plus the grace, no more"
     assert in_flight == 0, "the slot is free while the bundle still runs"
     assert stubborn.finished_at is not None and stubborn.finished_at - begun >= 100
+    assert freed_at - begun < 40, "freed at the deadline, not when the bundle ended"
     assert type(stubborn.late_emit).__name__ == "TurnEnded"
     assert routes.count("chat_delta") == 1 and routes[-1] == "conv_status"
 
