@@ -21,7 +21,6 @@ from kdcube.exec import (
     ExecResult,
     StreamName,
     SubprocessExecutor,
-    executor_for,
 )
 from kdcube.exec.workspace import OutCaps
 
@@ -115,6 +114,20 @@ Path("scratch.txt").write_text("not returned")
     assert not result.files_truncated
 
 
+async def test_an_out_folder_swapped_for_a_link_returns_nothing(
+    executor: SubprocessExecutor, tmp_path: Path
+) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret.txt").write_text("not yours")
+    code = f"import os, shutil\nshutil.rmtree('out')\nos.symlink({str(host)!r}, 'out')"
+
+    result = await executor.run(ExecRequest(code))
+
+    assert result.exit_code == 0
+    assert result.files == {}
+
+
 async def test_out_files_over_the_caps_are_left_out(root: Path) -> None:
     executor = SubprocessExecutor(root=root, out_caps=OutCaps(files=2, bytes=10))
     code = "\n".join(
@@ -189,11 +202,16 @@ time.sleep(60)
 async def test_children_left_behind_by_a_finished_program_are_killed(
     executor: SubprocessExecutor,
 ) -> None:
+    # The parent waits for its child's line, so the pid is printed before
+    # the parent exits and the run's end kills the child.
     code = """
 import os, time
+read_end, write_end = os.pipe()
 if os.fork() == 0:
     print(os.getpid(), flush=True)
+    os.write(write_end, b"x")
     time.sleep(60)
+os.read(read_end, 1)
 """
     with anyio.fail_after(5):
         result = await executor.run(ExecRequest(code, timeout_s=30))
@@ -304,8 +322,3 @@ print(os.getpgid(0) == os.getpid() == os.getsid(0))
     assert int(address_space) == 64 * 1024 * 1024
     assert int(open_files) == 256
     assert leader == "True"
-
-
-def test_the_executor_is_chosen_by_kdcube_exec() -> None:
-    assert isinstance(executor_for("subprocess"), SubprocessExecutor)
-    assert executor_for("off") is None and executor_for(None) is None

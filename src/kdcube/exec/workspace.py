@@ -113,6 +113,10 @@ def collect(out: Path, caps: OutCaps) -> tuple[dict[str, bytes], bool]:
     """The regular files under the folder ``out``, keyed by their path
     relative to it, and whether some were left out."""
     gathered = _Gathered(caps)
+    # The program may have swapped out/ for a link to a folder of the host;
+    # this runs with more rights than the program had, so it must not follow.
+    if out.is_symlink() or not out.is_dir():
+        return gathered.files, gathered.truncated
     for folder, subfolders, names in os.walk(out):
         subfolders.sort()
         for name in sorted(names):
