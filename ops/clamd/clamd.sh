@@ -30,9 +30,8 @@ clamd_binary() {
   command -v clamd || { [ -x /usr/sbin/clamd ] && echo /usr/sbin/clamd; } || true
 }
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+# shellcheck source=ops/lib.sh
+source "$(dirname "$0")/../lib.sh"
 
 install_clamd() {
   if [ -n "$(clamd_binary)" ] && command -v clamdscan >/dev/null; then
@@ -40,13 +39,7 @@ install_clamd() {
     return 0
   fi
 
-  # A fresh container has no package lists; update only when the install needs it.
-  local packages=(clamav-daemon clamdscan)
-  export DEBIAN_FRONTEND=noninteractive
-  # Another install may hold dpkg's lock for a while; wait for it, not fail.
-  local apt=(apt-get -o DPkg::Lock::Timeout=300)
-  as_root "${apt[@]}" install -y --no-install-recommends "${packages[@]}" \
-    || { as_root "${apt[@]}" update && as_root "${apt[@]}" install -y --no-install-recommends "${packages[@]}"; }
+  apt_install clamav-daemon clamdscan
   echo "installed: $(clamd_binary)"
 }
 
@@ -127,23 +120,8 @@ start_clamd() {
 stop_clamd() {
   local dir=${1:-}
   [ -n "$dir" ] || usage
-  local pidfile=$dir/clamd.pid
-  [ -f "$pidfile" ] || return 0
-  local pid
-  pid=$(cat "$pidfile")
-  kill "$pid" 2>/dev/null || true
-
-  # clamd removes its socket on the way out; wait (bounded) so a restart in the
-  # same directory does not race the old process.
-  local deadline=$((SECONDS + 10))
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      kill -9 "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.05
-  done
-  rm -f "$pidfile"
+  # clamd removes its socket on the way out.
+  stop_pidfile "$dir/clamd.pid" 10
 }
 
 case ${1:-} in
