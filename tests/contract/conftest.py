@@ -30,12 +30,13 @@ import pytest
 import trio.testing
 from botocore.credentials import Credentials
 
+from kdcube.aws import Retry
 from kdcube.bus.memory import open_memory_bus
 from kdcube.bus.memory.relay import MemoryRelay
 from kdcube.bus.ports import Queue, Relay, State
 from kdcube.storage.local import LocalStorage
 from kdcube.storage.ports import Storage
-from kdcube.storage.s3 import MIN_PART_SIZE, Retry, S3Storage
+from kdcube.storage.s3 import MIN_PART_SIZE, S3Storage
 from kdcube.store.ports import Store
 from kdcube.store.sqlite import connect, open_sqlite_store
 from tests.s3_server import S3Server

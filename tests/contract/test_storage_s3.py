@@ -23,6 +23,7 @@ import httpx
 import pytest
 from botocore.credentials import Credentials, RefreshableCredentials
 
+from kdcube.aws import Retry
 from kdcube.storage.local import LocalStorage
 from kdcube.storage.open import open_storage
 from kdcube.storage.ports import (
@@ -32,7 +33,7 @@ from kdcube.storage.ports import (
     StorageError,
     StorageUnavailable,
 )
-from kdcube.storage.s3 import Retry, S3Storage
+from kdcube.storage.s3 import S3Storage
 from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.anyio

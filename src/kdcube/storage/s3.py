@@ -12,24 +12,28 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
-import os
-import random
 import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
-import botocore.session
 import httpx
 import structlog
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 
+from kdcube.aws.credentials import (
+    Credentials,
+    NoCredentials,
+    find_credentials,
+    frozen_credentials,
+)
+from kdcube.aws.retry import THROTTLED, Retry
 from kdcube.storage.keys import check_key
 from kdcube.storage.ports import (
     AccessDenied,
@@ -55,19 +59,6 @@ _MAX_PRESIGN_S = 7 * 24 * 3600
 _NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
-_THROTTLED = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "TooManyRequestsException",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-    }
-)
 _REFUSED = frozenset(
     {
         "AccessDenied",
@@ -87,24 +78,6 @@ _RETRYABLE_TRANSPORT = (
     httpx.NetworkError,
     httpx.RemoteProtocolError,
 )
-
-
-class Credentials(Protocol):
-    """botocore credentials: static, or refreshable ones from a role."""
-
-    def get_frozen_credentials(self) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Exponential backoff with full jitter, for requests that can be resent."""
-
-    attempts: int = 5
-    base_s: float = 0.1
-    max_s: float = 5.0
-
-    def delay_s(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_s, self.base_s * 2**attempt))
 
 
 _DEFAULT_RETRY = Retry()
@@ -197,7 +170,10 @@ class S3Storage:
         endpoint_url: str | None = None,
     ) -> S3Storage:
         """Credentials and region from botocore's chain: env, profile, role."""
-        credentials, region = await anyio.to_thread.run_sync(_credentials_and_region)
+        try:
+            credentials, region = await find_credentials()
+        except NoCredentials as exc:
+            raise AccessDenied(str(exc)) from None
         return cls(
             client,
             bucket=bucket,
@@ -474,14 +450,8 @@ class S3Storage:
         return dict(request.headers.items())
 
     async def _frozen_credentials(self, operation: str, key: str) -> Any:
-        # Refreshing asks STS or the instance metadata service, which blocks.
-        refresh_needed = getattr(self._credentials, "refresh_needed", None)
         try:
-            if refresh_needed is not None and refresh_needed():
-                return await anyio.to_thread.run_sync(
-                    self._credentials.get_frozen_credentials
-                )
-            return self._credentials.get_frozen_credentials()
+            return await frozen_credentials(self._credentials)
         except BotoCoreError as exc:
             raise StorageUnavailable(
                 f"{operation} {key!r}: cannot refresh the AWS credentials"
@@ -545,22 +515,6 @@ class _MultipartUpload:
         )
 
 
-def _credentials_and_region() -> tuple[Credentials, str]:
-    session = botocore.session.Session()
-    credentials = session.get_credentials()
-    if credentials is None:
-        raise AccessDenied(
-            "no AWS credentials found: set AWS_ACCESS_KEY_ID and"
-            " AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with a role"
-        )
-    region = (
-        os.environ.get("AWS_REGION")
-        or session.get_config_variable("region")
-        or "us-east-1"
-    )
-    return credentials, str(region)
-
-
 def _bucket_url(bucket: str, region: str, endpoint_url: str | None) -> str:
     if not bucket or "/" in bucket:
         raise ValueError(f"bucket must be a bucket name, got {bucket!r}")
@@ -616,7 +570,7 @@ async def _sha256(body: bytes | bytearray) -> str:
 def _should_retry(response: httpx.Response) -> bool:
     if response.status_code >= 500 or response.status_code == 429:
         return True
-    return response.status_code >= 400 and _error_code(response) in _THROTTLED
+    return response.status_code >= 400 and _error_code(response) in THROTTLED
 
 
 def _parse(call: _Call, response: httpx.Response) -> ElementTree.Element:
@@ -665,7 +619,7 @@ def _raise_for(call: _Call, response: httpx.Response) -> NoReturn:
         raise AccessDenied(
             f"{where}: refused by S3 ({said}); check the credentials and policy"
         )
-    if response.status_code >= 500 or code in _THROTTLED:
+    if response.status_code >= 500 or code in THROTTLED:
         raise StorageUnavailable(f"{where}: S3 kept failing ({said})")
     raise StorageError(f"{where}: S3 answered {response.status_code} ({said})")
 
