@@ -23,7 +23,7 @@ import structlog
 from anyio.abc import Process
 
 from kdcube.exec.output import Capture, pump
-from kdcube.exec.ports import ExecError, ExecRequest, OutputSink
+from kdcube.exec.ports import ExecError, ExecRequest, ExecResult, OutputSink
 
 __all__ = ["ChildRun", "kill_group", "run_child"]
 
@@ -47,6 +47,29 @@ class ChildRun:
     stderr: Capture
     duration_s: float
     timed_out: bool
+
+    def result(
+        self,
+        run_id: str,
+        files: dict[str, bytes],
+        files_truncated: bool,
+        *,
+        memory_exceeded: bool = False,
+    ) -> ExecResult:
+        """The run's result, with the ``out/`` files the executor collected."""
+        return ExecResult(
+            run_id=run_id,
+            exit_code=self.exit_code,
+            stdout=bytes(self.stdout.data),
+            stderr=bytes(self.stderr.data),
+            stdout_truncated=self.stdout.truncated,
+            stderr_truncated=self.stderr.truncated,
+            duration_s=self.duration_s,
+            timed_out=self.timed_out,
+            files=files,
+            files_truncated=files_truncated,
+            memory_exceeded=memory_exceeded,
+        )
 
 
 def kill_group(process: Process) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "OutputSink",
     "StreamName",
     "finished",
+    "from_shell_status",
 ]
 
 log = structlog.get_logger("kdcube.exec")
@@ -105,7 +106,9 @@ class ExecResult:
     a signal ended it (``-9`` after a kill), or None when its end could not be
     observed. ``files`` holds what the program wrote under ``out/``, keyed by
     the path relative to it; ``files_truncated`` says some were left out to
-    keep within the executor's caps.
+    keep within the executor's caps. ``memory_exceeded`` says the kernel
+    killed the program for going over its memory limit, where the executor
+    can tell.
     """
 
     run_id: str
@@ -118,6 +121,7 @@ class ExecResult:
     timed_out: bool
     files: dict[str, bytes] = field(default_factory=dict)
     files_truncated: bool = False
+    memory_exceeded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -146,3 +150,13 @@ def finished(result: ExecResult) -> ExecResult:
         files=len(result.files),
     )
     return result
+
+
+def from_shell_status(status: int | None) -> int | None:
+    """An exit status as a shell (or a sandbox acting like one) reports it,
+    in the port's terms: a status above 128 is read as the signal ``n`` that
+    ended the program, ``-n``. A program that itself exits with 128 + n looks
+    the same; no wrapper can tell them apart."""
+    if status is not None and status > 128:
+        return 128 - status
+    return status

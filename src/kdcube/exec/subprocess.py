@@ -103,20 +103,7 @@ class SubprocessExecutor:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(workspaces.remove, workspace)
-        return finished(
-            ExecResult(
-                run_id=request.run_id,
-                exit_code=child.exit_code,
-                stdout=bytes(child.stdout.data),
-                stderr=bytes(child.stderr.data),
-                stdout_truncated=child.stdout.truncated,
-                stderr_truncated=child.stderr.truncated,
-                duration_s=child.duration_s,
-                timed_out=child.timed_out,
-                files=files,
-                files_truncated=files_truncated,
-            )
-        )
+        return finished(child.result(request.run_id, files, files_truncated))
 
     def _command(self, request: ExecRequest) -> list[str]:
         # The launcher needs no site-packages. The program ignores PYTHON*
