@@ -24,7 +24,7 @@ import pytest
 
 from tests.servers import can_run_postgres, throwaway_postgres, throwaway_redis
 
-pytest_plugins = ["tests.s3_server", "tests.clamd_server"]
+pytest_plugins = ["tests.s3_server", "tests.clamd_server", "tests.docker_server"]
 
 _DEFAULTS = {
     "KDCUBE_TEST_REDIS_URL": ("redis://127.0.0.1:6379/0", 6379),
