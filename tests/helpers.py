@@ -39,6 +39,14 @@ def write_bundles(folder: Path) -> Path:
         {"id": "reader", "path": str(tests / "reader")},
         {"id": "maker", "path": str(tests / "maker")},
         {"id": "coder", "path": str(REPO / "bundles" / "coder")},
+        *(
+            {
+                "id": f"coder-{mode}",
+                "path": str(REPO / "bundles" / "coder"),
+                "config": {"execution": {"runtime": {"mode": mode}}},
+            }
+            for mode in ("subprocess", "fargate")
+        ),
         {
             "id": "asyncio",
             "path": str(tests / "asyncio_words"),

@@ -41,16 +41,23 @@ ERROR_TAIL_CHARS = 4000
 
 
 async def run(ctx: TurnContext) -> str:
-    if ctx.exec is None:
-        raise ExecError("running code is off on this server (KDCUBE_EXEC=off)")
     request = make_request(ctx.prompt, ctx.config, run_id=ctx.turn_id)
     answer = Answer(ctx)
     await ctx.step("exec", status="running", title="Running the snippet")
 
     try:
+        if ctx.exec is None:
+            raise ExecError("running code is off on this server (KDCUBE_EXEC=off)")
         result = await ctx.exec.run(request, on_output=answer.on_output)
-    except ExecError:
-        await ctx.step("exec", status="failed", title="Could not run the snippet")
+    except ExecError as error:
+        # The reason names the server's settings, not secrets; it tells the
+        # user why, where the turn's error says only that it failed.
+        await ctx.step(
+            "exec",
+            status="failed",
+            title="Could not run the snippet",
+            data={"reason": str(error)},
+        )
         raise
 
     await ctx.step(
@@ -59,8 +66,6 @@ async def run(ctx: TurnContext) -> str:
         title="Ran the snippet" if result.ok else "The snippet failed",
         data=summary(result),
     )
-    for name, content in sorted(result.files.items()):
-        await ctx.artifact(name, content, mime="application/octet-stream")
     await answer.finish(result)
     return answer.text
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -42,8 +43,9 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
         overrides["storage_path"] = storage
     if "KDCUBE_EXEC" not in os.environ:
         # A developer's own machine: the example coder bundle may run code
-        # there. It is no sandbox, so kdcube serve never does this unasked.
-        overrides["exec"] = "subprocess"
+        # there, sandboxed where bubblewrap is installed. kdcube serve never
+        # runs code unasked.
+        overrides["exec"] = "local" if shutil.which("bwrap") else "subprocess"
     settings = _settings(**overrides)
     _start(settings, {Role.INGRESS, Role.PROC}, host, port)
 

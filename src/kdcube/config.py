@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 AsyncBackend = Literal["trio", "asyncio"]
 AuthMode = Literal["dev", "oidc"]
 ScanPolicyName = Literal["required", "best_effort", "off"]
-ExecMode = Literal["off", "subprocess"]
+ExecMode = Literal["off", "subprocess", "local", "docker", "fargate"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _COOKIE_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     clamd_timeout_s: float = Field(3.0, gt=0)
     exec: ExecMode | None = None
     """Where bundles run code; unset means off, except under ``kdcube run``."""
+    exec_docker_image: str = Field("kdcube/exec-python:bookworm", min_length=1)
+    exec_fargate_cluster: str | None = None
+    exec_fargate_task_definition: str | None = None
+    exec_fargate_container: str = Field("exec", min_length=1)
+    exec_fargate_subnets: CommaList = ()
+    exec_fargate_security_groups: CommaList = ()
+    exec_fargate_assign_public_ip: bool = False
+    exec_fargate_endpoint_url: str | None = None
+    exec_fargate_region: str | None = None
     bundles: Path | None = None
     gateway_config: Path | None = None
 
@@ -108,6 +117,8 @@ class Settings(BaseSettings):
         "oidc_privileged_roles",
         "oidc_paid_roles",
         "oidc_algorithms",
+        "exec_fargate_subnets",
+        "exec_fargate_security_groups",
         mode="before",
     )
     @classmethod
@@ -151,6 +162,31 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "missing KDCUBE_OIDC_AUDIENCE: KDCUBE_AUTH=oidc needs the client"
                 " id(s) the tokens are issued for, comma-separated"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fargate_complete(self) -> Settings:
+        if self.exec != "fargate":
+            return self
+        missing = [
+            f"KDCUBE_{name.upper()}"
+            for name in (
+                "exec_fargate_cluster",
+                "exec_fargate_task_definition",
+                "exec_fargate_subnets",
+            )
+            if not getattr(self, name)
+        ]
+        if missing:
+            raise ConfigError(
+                f"missing {', '.join(missing)}: KDCUBE_EXEC=fargate runs each"
+                " program as an ECS task and needs where to run it"
+            )
+        if not self.storage_url().startswith("s3://"):
+            raise ConfigError(
+                "KDCUBE_EXEC=fargate needs KDCUBE_STORAGE_PATH=s3://...: the"
+                " task receives its workspace and returns its results through S3"
             )
         return self
 

@@ -124,6 +124,23 @@ async def test_an_invalid_registry_is_refused_and_the_old_one_stays(
             content=b"bundles: {items: [{id: x, path: /tmp, repo: file:///x}]}",
             headers=ADMIN,
         )
+        unknown_exec = await server.client.post(
+            "/admin/bundles",
+            content=yaml.safe_dump(
+                {
+                    "bundles": {
+                        "items": [
+                            {
+                                "id": "x",
+                                "path": str(REPO / "bundles" / "echo"),
+                                "config": {"execution": {"runtime": {"mode": "vm"}}},
+                            }
+                        ]
+                    }
+                }
+            ).encode(),
+            headers=ADMIN,
+        )
         not_admin = await server.client.post(
             "/admin/bundles",
             content=b"bundles: {items: []}",
@@ -134,5 +151,7 @@ async def test_an_invalid_registry_is_refused_and_the_old_one_stays(
     assert bad.status_code == 400 and bad.json()["error"] == "invalid_bundle_registry"
     assert "/no/such/folder" in bad.json()["detail"]
     assert both.status_code == 400 and "either path" in both.json()["detail"]
+    assert unknown_exec.status_code == 400
+    assert "config.execution.runtime.mode 'vm'" in unknown_exec.json()["detail"]
     assert not_admin.status_code == 403
     assert still["status"] == "processing_started"

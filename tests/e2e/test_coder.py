@@ -8,6 +8,7 @@ file as the platform would.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -115,6 +116,7 @@ async def test_files_written_to_out_are_kept_as_artifacts(tmp_path: Path) -> Non
         detail = await server.client.get(
             f"/api/conversations/{ack['conversation_id']}", headers=auth("alice")
         )
+        records = await execution_records(server, ack["turn_id"])
 
     answer = final_answer(events)
     assert "The snippet printed nothing." in answer
@@ -123,8 +125,40 @@ async def test_files_written_to_out_are_kept_as_artifacts(tmp_path: Path) -> Non
     assert exec_steps[1]["data"]["files"] == ["report.txt"]
     [turn] = detail.json()["turns"]
     assert turn["artifacts"] == [
-        {"name": "report.txt", "mime": "application/octet-stream", "size": 4}
+        {"name": "report.txt", "mime": "text/plain", "size": 4}
     ]
+    [result] = [json.loads(v) for k, v in records.items() if k.endswith("result.json")]
+    assert result["mode"] == "subprocess"
+    assert result["exit_code"] == 0 and result["files"] == ["report.txt"]
+
+
+async def test_each_run_leaves_its_record_under_the_turns_executions(
+    tmp_path: Path,
+) -> None:
+    prompt = fenced("import sys\nprint('to out')\nprint('to err', file=sys.stderr)")
+    async with serve(tmp_path) as server, open_stream(server.client, "alice") as stream:
+        ack, _ = await run_turn(server, stream, prompt)
+        records = await execution_records(server, ack["turn_id"])
+
+    names = sorted(key.rsplit("/", 1)[1] for key in records)
+    assert names == ["result.json", "stderr.txt", "stdout.txt"]
+    [folder] = {key.rsplit("/", 2)[0] for key in records}
+    assert f"/executions/alice/{ack['conversation_id']}/{ack['turn_id']}" in folder
+    by_name = {key.rsplit("/", 1)[1]: value for key, value in records.items()}
+    assert by_name["stdout.txt"] == b"to out\n"
+    assert by_name["stderr.txt"] == b"to err\n"
+    assert json.loads(by_name["result.json"])["run_id"] == ack["turn_id"]
+
+
+async def execution_records(server: Server, turn_id: str) -> dict[str, bytes]:
+    """The stored objects of the turn's runs, by key."""
+    storage = server.running.platform.storage
+    keys = [info.key for info in await storage.list("cb/") if turn_id in info.key]
+    records = [key for key in keys if "/executions/" in key]
+    contents = {}
+    for key in records:
+        contents[key] = b"".join([chunk async for chunk in storage.get(key)])
+    return contents
 
 
 async def test_cancel_stops_an_endless_snippet_and_its_process(
@@ -174,3 +208,24 @@ def test_without_a_usable_block_the_whole_prompt_is_the_snippet() -> None:
     assert coder.snippet("print(4)") == "print(4)"
     two = "```\nprint(5)\n```\n```\nprint(6)\n```"
     assert coder.snippet(two) == two
+
+
+async def test_a_bundle_may_choose_its_own_executor(tmp_path: Path) -> None:
+    prompt = fenced("print(6 * 7)")
+    async with (
+        serve(tmp_path, exec="off") as server,
+        open_stream(server.client, "alice") as stream,
+    ):
+        turns = {}
+        for bundle_id in ("coder", "coder-subprocess", "coder-fargate"):
+            ack = await submit_prompt(
+                server.client, "alice", prompt, bundle_id=bundle_id
+            )
+            with anyio.fail_after(10):
+                turns[bundle_id] = await stream.turn(ack["turn_id"])
+
+    assert "42" in final_answer(turns["coder-subprocess"])
+    off, fargate = turns["coder"], turns["coder-fargate"]
+    assert off[-2].route == fargate[-2].route == "chat_error"
+    assert "KDCUBE_EXEC=off" in steps(off)[-1]["data"]["reason"]
+    assert "KDCUBE_EXEC_FARGATE_CLUSTER" in steps(fargate)[-1]["data"]["reason"]

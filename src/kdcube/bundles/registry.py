@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kdcube.config import ExecMode
+
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _EXAMPLES_DEFAULT = "echo"
+# Where KDCube's bundles.yaml files keep a bundle's own executor choice.
+_EXEC_MODE_PATH = ("execution", "runtime", "mode")
 
 
 class RegistryError(ValueError):
@@ -33,7 +37,27 @@ class BundleSpec(BaseModel):
     def _one_source(self) -> BundleSpec:
         if (self.path is None) == (self.repo is None):
             raise ValueError("give either path (a mounted folder) or repo (git)")
+        self._check_exec_mode()
         return self
+
+    @property
+    def exec_mode(self) -> ExecMode | None:
+        """The executor this bundle asks for in ``config.execution.runtime.mode``;
+        None leaves the choice to the deployment (``KDCUBE_EXEC``)."""
+        value: Any = self.config
+        for name in _EXEC_MODE_PATH:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(name)
+        return value  # type: ignore[no-any-return]
+
+    def _check_exec_mode(self) -> None:
+        mode = self.exec_mode
+        if mode is not None and mode not in get_args(ExecMode):
+            raise ValueError(
+                f"config.execution.runtime.mode {mode!r} is not one of"
+                f" {', '.join(get_args(ExecMode))}"
+            )
 
 
 class _Bundles(BaseModel):

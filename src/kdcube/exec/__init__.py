@@ -1,11 +1,13 @@
-"""Running code: the executor port and its local subprocess implementation.
+"""Running code: the executor port and its implementations.
 
-The deployment chooses its executor (``KDCUBE_EXEC``); bundles reach it as
-``ctx.exec``, which is None where running code is off.
+The deployment chooses its executor (``KDCUBE_EXEC``: ``subprocess``,
+``local``, ``docker`` or ``fargate``) and a bundle may ask for another;
+bundles reach it as ``ctx.exec``, which is None where running code is off.
 """
 
 from __future__ import annotations
 
+from kdcube.exec.executors import Executors, open_executors
 from kdcube.exec.ports import (
     ExecError,
     ExecRequest,
@@ -24,12 +26,6 @@ __all__ = [
     "OutputSink",
     "StreamName",
     "SubprocessExecutor",
-    "executor_for",
+    "Executors",
+    "open_executors",
 ]
-
-
-def executor_for(mode: str | None) -> Executor | None:
-    """The executor ``KDCUBE_EXEC`` names: ``subprocess``, or None for ``off``."""
-    if mode == "subprocess":
-        return SubprocessExecutor()
-    return None

@@ -24,10 +24,11 @@ from kdcube.bundles import BundleRegistry, LoadedBundle
 from kdcube.bundles.live import LoadedBundles
 from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
 from kdcube.bus.board import Board
-from kdcube.exec import Executor
+from kdcube.exec import Executor, Executors
 from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import SealedEmitter, TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
+from kdcube.proc.turn_exec import TurnExecutor
 from kdcube.sdk import (
     ArtifactSaver,
     Attachment,
@@ -109,7 +110,7 @@ class Processor:
         *,
         storage: Storage | None = None,
         registry: Board[BundleRegistry] | None = None,
-        executor: Executor | None = None,
+        executors: Executors | None = None,
     ) -> None:
         self._bus = bus
         self._store = store
@@ -121,7 +122,7 @@ class Processor:
             else LoadedBundles.fixed(bundles)
         )
         self._registry = registry
-        self._executor = executor
+        self._executors = executors
         self._options = options
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self._running: dict[str, _RunningTurn] = {}
@@ -374,6 +375,30 @@ class Processor:
 
         return save
 
+    def _turn_executor(
+        self, job: TurnJob, bundle: LoadedBundle, saver: ArtifactSaver
+    ) -> Executor | None:
+        """The executor the bundle asked for (or the deployment's), keeping
+        each run's record and its ``out/`` files for this turn."""
+        chosen = None
+        if self._executors is not None:
+            chosen = self._executors.for_mode(bundle.spec.exec_mode)
+        if chosen is None:
+            return None
+        mode, executor = chosen
+        records = Layout(job.tenant, job.project).turn_prefix(
+            "executions", job.user_id, job.conversation_id, job.turn_id
+        )
+        return TurnExecutor(
+            executor,
+            mode=mode,
+            turn_id=job.turn_id,
+            bundle_id=job.bundle_id,
+            storage=self._storage,
+            record_prefix=records,
+            save_artifact=saver,
+        )
+
     def _attachment_opener(self, job: TurnJob) -> AttachmentOpener:
         layout = Layout(job.tenant, job.project)
         prefix = layout.turn_prefix(
@@ -393,6 +418,7 @@ class Processor:
     ) -> Ending | None:
         """The bundle under its watchdogs; None when the turn's scope was cancelled."""
         job = turn.claim.job
+        saver = self._artifact_saver(job, emitter)
         context = TurnContext(
             tenant=job.tenant,
             project=job.project,
@@ -410,9 +436,9 @@ class Processor:
                 for a in job.attachments
             ],
             opener=self._attachment_opener(job),
-            exec=self._executor,
+            exec=self._turn_executor(job, bundle, saver),
             history=await self._history(job),
-            saver=self._artifact_saver(job, emitter),
+            saver=saver,
         )
         sealable = SealedEmitter(emitter)
         call = _BundleCall(bundle, dataclasses.replace(context, emit=sealable))

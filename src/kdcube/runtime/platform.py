@@ -17,6 +17,7 @@ from kdcube.bus.board import Board, MemoryBoard, RedisBoard
 from kdcube.bus.memory import open_memory_bus
 from kdcube.bus.redis import RedisBus
 from kdcube.config import ConfigError, Settings
+from kdcube.exec import Executors, open_executors
 from kdcube.gateway import (
     GatewayBackends,
     GatewayConfig,
@@ -51,6 +52,8 @@ class Platform:
     gateway: GatewayBackends
     bus_name: str
     store_name: str
+    executors: Executors
+    """Where bundles run code (``KDCUBE_EXEC``, or the bundle's own choice)."""
     health: Health = field(default_factory=Health)
 
     @property
@@ -148,6 +151,7 @@ async def open_platform(settings: Settings) -> AsyncIterator[Platform]:
             open_gateway_backends(bus, baseline, redis_url=settings.redis_url)
         )
         bundles = registry_board(bus, registry, registry_base(settings))
+        executors = await stack.enter_async_context(open_executors(settings, storage))
         yield Platform(
             settings,
             bus,
@@ -158,6 +162,7 @@ async def open_platform(settings: Settings) -> AsyncIterator[Platform]:
             authenticator,
             gateway,
             *names,
+            executors=executors,
         )
 
 

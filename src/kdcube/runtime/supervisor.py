@@ -22,7 +22,6 @@ from anyio.abc import TaskStatus
 from kdcube.bundles.git import GitBundles
 from kdcube.bundles.live import LoadedBundles
 from kdcube.config import Settings
-from kdcube.exec import executor_for
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
@@ -129,7 +128,7 @@ class Supervisor:
             options,
             storage=platform.storage,
             registry=platform.bundles,
-            executor=executor_for(self._settings.exec),
+            executors=platform.executors,
         )
         await root.start(processor.serve)
         return processor
