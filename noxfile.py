@@ -10,7 +10,10 @@ ports). ``s3`` stores everything in an S3 server that validates signatures
 The first cell runs the whole suite, every adapter's contract tests included;
 the other cells run the end-to-end tests, which are what the backend and the
 storage change. Each session first makes sure clamd is installed
-(``ops/clamd/clamd.sh install``), since the upload tests scan with a real one.
+(``ops/clamd/clamd.sh install``), since the upload tests scan with a real one;
+the first also installs bubblewrap and Docker (``ops/exec/local.sh install``,
+``ops/exec/docker.sh install``) for the executors' tests, which start their
+own dockerd and build the sandbox image (cached in ``~/.cache/kdcube``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def tests(session: nox.Session, backend: str, storage: str) -> None:
     session.env["KDCUBE_TEST_BACKEND"] = backend
     session.env["KDCUBE_TEST_STORAGE"] = storage
     if (backend, storage) == ("embedded", "local"):
+        # The executors' own tests run sandboxes and containers for real.
+        session.run("bash", "ops/exec/local.sh", "install", external=True)
+        session.run("bash", "ops/exec/docker.sh", "install", external=True)
         session.run("pytest", *session.posargs)
     else:
         session.run("pytest", "tests/e2e", *session.posargs)
