@@ -27,13 +27,8 @@ __all__ = ["Executors", "UnavailableExecutor", "open_executors"]
 
 log = structlog.get_logger("kdcube.exec")
 
-SANDBOXED: dict[ExecMode, bool] = {
-    "off": True,
-    "subprocess": False,
-    "local": True,
-    "docker": True,
-    "fargate": True,
-}
+# The one mode whose programs run with this process's rights.
+UNSANDBOXED: frozenset[ExecMode] = frozenset({"subprocess"})
 
 
 @runtime_checkable
@@ -76,7 +71,7 @@ class Executors:
         except ExecError as error:
             log.warning("exec.mode_unavailable", mode=mode, reason=str(error))
             return UnavailableExecutor(str(error))
-        log.info("exec.mode_ready", mode=mode, sandboxed=SANDBOXED[mode])
+        log.info("exec.mode_ready", mode=mode, sandboxed=mode not in UNSANDBOXED)
         return executor
 
     async def aclose(self) -> None:
@@ -92,8 +87,8 @@ async def open_executors(
 ) -> AsyncIterator[Executors]:
     executors = Executors(settings, storage)
     mode = executors.default_mode
-    log.info("exec.default", mode=mode, sandboxed=SANDBOXED[mode])
-    if not SANDBOXED[mode]:
+    log.info("exec.default", mode=mode)
+    if mode in UNSANDBOXED:
         log.warning(
             "exec.not_sandboxed",
             mode=mode,
