@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import anyio
+import httpx
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -29,6 +30,7 @@ from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import SealedEmitter, TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
 from kdcube.proc.turn_exec import TurnExecutor
+from kdcube.runtime.task_protection import TaskProtection
 from kdcube.sdk import (
     ArtifactSaver,
     Attachment,
@@ -48,6 +50,8 @@ log = structlog.get_logger("kdcube.proc")
 _SETTLE_S = 20.0
 _BUS_RETRY_S = 1.0
 _RELOAD_WAIT_S = 150.0
+# How soon a first turn gets its task protected, and an idle task released.
+_PROTECTION_CHECK_S = 1.0
 """How long a turn waits for its bundle to load (a git fetch has 120 s)."""
 
 
@@ -62,6 +66,9 @@ class ProcessorOptions:
     cancel_grace_s: float = 5.0
     """How long a stopped bundle may take to unwind before its turn ends
     without it (its slot is freed; the bundle finishes on its own)."""
+    ecs_agent_uri: str | None = None
+    """On ECS, the task's agent (``ECS_AGENT_URI``): the task is protected
+    from scale-in while turns run here."""
 
 
 @dataclass(slots=True)
@@ -156,6 +163,8 @@ class Processor:
             if self._registry is not None:
                 helpers.start_soon(self._follow_registry, self._registry)
             helpers.start_soon(self._beat_forever)
+            if self._options.ecs_agent_uri is not None:
+                helpers.start_soon(self._guard_scale_in, self._options.ecs_agent_uri)
             # Bundle calls live beside the turns, not inside them: a bundle
             # that ignores cancellation finishes here after its turn ended.
             async with anyio.create_task_group() as self._bundle_calls:
@@ -223,6 +232,19 @@ class Processor:
                 turn = self._running.get(turn_id)
                 if turn is not None:
                     turn.stop(StopReason.CANCELLED)
+
+    async def _guard_scale_in(self, agent_uri: str) -> None:
+        """Keep the ECS task protected from scale-in while turns run, and
+        released once none do (each update is bounded and never raises)."""
+        async with httpx.AsyncClient() as http:
+            protection = TaskProtection(agent_uri, http)
+            try:
+                while True:
+                    await protection.update(self.in_flight > 0)
+                    await anyio.sleep(_PROTECTION_CHECK_S)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await protection.update(False)
 
     async def _beat_forever(self) -> None:
         while True:

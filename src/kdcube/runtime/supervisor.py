@@ -9,6 +9,7 @@ request cancels everything at once.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,6 +28,7 @@ from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
 from kdcube.runtime.http import hypercorn_config, serve_http
 from kdcube.runtime.platform import Platform, open_platform
+from kdcube.runtime.task_protection import AGENT_URI_VARIABLE
 
 log = structlog.get_logger("kdcube.runtime")
 
@@ -120,6 +122,7 @@ class Supervisor:
             idle_timeout_s=self._settings.turn_idle_timeout_s,
             wall_timeout_s=self._settings.turn_wall_timeout_s,
             drain_timeout_s=self._settings.drain_timeout_s,
+            ecs_agent_uri=os.environ.get(AGENT_URI_VARIABLE) or None,
         )
         processor = Processor(
             platform.bus,
