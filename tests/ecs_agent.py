@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from kdcube.runtime.http import hypercorn_config, serve_http
+from tests.openai_stub import read_body, respond_json, serve_lifespan
 
 ON_FOR_60 = {"ProtectionEnabled": True, "ExpiresInMinutes": 60}
 OFF = {"ProtectionEnabled": False}
@@ -41,42 +42,19 @@ class Agent:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await _serve_lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
 
-        body = await _read_body(receive)
+        body = await read_body(receive)
         self.calls.append(Call(scope["method"], scope["path"], json.loads(body)))
         if self.stall is not None:
             await self.stall.wait()
         status, answer = self.answers.pop(0) if self.answers else PROTECTED
-        headers = [(b"content-type", b"application/json")]
-        await send(
-            {"type": "http.response.start", "status": status, "headers": headers}
-        )
-        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+        await respond_json(send, status, answer)
 
     @property
     def bodies(self) -> list[Any]:
         return [call.body for call in self.calls]
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _serve_lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 @asynccontextmanager
