@@ -124,3 +124,31 @@ async def test_an_expired_lock_can_be_taken_and_fences_its_old_holder(
     assert fresh > stale
     assert await state.unlock("job", stale) is False
     assert await state.unlock("job", fresh) is True
+
+
+async def test_a_tally_adds_up_per_field(state: State) -> None:
+    assert await state.totals("turns") == {}
+
+    await state.add("turns", {"completed": 1})
+    await state.add("turns", {"completed": 1, "failed": 1})
+    await state.add("turns", {"failed": 2.5, "completed": 0})
+    await state.add("other", {"completed": 7})
+    await state.add("turns", {})
+
+    assert await state.totals("turns") == {"completed": 2.0, "failed": 3.5}
+    assert await state.totals("other") == {"completed": 7.0}
+
+
+async def test_a_tally_does_not_expire(state: State) -> None:
+    await state.add("waits", {"sum": 0.25})
+    await anyio.sleep(TTL * 1.5)
+
+    assert await state.totals("waits") == {"sum": 0.25}
+
+
+async def test_concurrent_additions_all_count(state: State) -> None:
+    async with anyio.create_task_group() as tasks:
+        for _ in range(20):
+            tasks.start_soon(state.add, "turns", {"completed": 1, "sum": 0.5})
+
+    assert await state.totals("turns") == {"completed": 20.0, "sum": 10.0}

@@ -6,7 +6,7 @@ The contract tests in ``tests/contract`` hold each adapter to these docstrings.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -214,6 +214,17 @@ class State(Protocol):
 
     async def alive(self, role: str) -> dict[str, dict[str, Any]]:
         """Instances of a role whose last beat has not expired."""
+
+    async def add(self, tally: str, amounts: Mapping[str, float]) -> None:
+        """Add each amount to its field of a named tally, all at once.
+
+        A tally is a set of running totals that only the caller's amounts
+        change and that never expires: counters that outlive every process
+        (turn outcomes, refusals), read back with ``totals``.
+        """
+
+    async def totals(self, tally: str) -> dict[str, float]:
+        """Every field of a tally with its total; empty when never added to."""
 
     async def lock(self, name: str, *, ttl_s: float) -> int | None:
         """Take a lock; returns a fencing token, or None when someone holds it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ class MemoryState:
         self._counters: dict[tuple[str, float, int], int] = {}
         self._beats: dict[str, dict[str, _Expiring]] = {}
         self._locks: dict[str, _Expiring] = {}
+        self._tallies: dict[str, dict[str, float]] = {}
         self._last_token = 0
 
     async def session_for(self, user_key: str, *, ttl_s: float) -> str:
@@ -59,6 +61,16 @@ class MemoryState:
         for instance in [i for i, beat in beats.items() if beat.expires_at <= now]:
             del beats[instance]
         return {instance: dict(beat.value) for instance, beat in beats.items()}
+
+    async def add(self, tally: str, amounts: Mapping[str, float]) -> None:
+        await anyio.lowlevel.checkpoint()
+        totals = self._tallies.setdefault(tally, {})
+        for field, amount in amounts.items():
+            totals[field] = totals.get(field, 0.0) + float(amount)
+
+    async def totals(self, tally: str) -> dict[str, float]:
+        await anyio.lowlevel.checkpoint()
+        return dict(self._tallies.get(tally, {}))
 
     async def lock(self, name: str, *, ttl_s: float) -> int | None:
         await anyio.lowlevel.checkpoint()

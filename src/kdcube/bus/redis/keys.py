@@ -134,6 +134,10 @@ class KeyLayout:
     def beat_expiry(self, role: str) -> str:
         return self._key("st", "beat-at", role)
 
+    def tally(self, name: str) -> str:
+        """Hash: field -> running total; no expiry (see State.add)."""
+        return self._key("st", "tally", name)
+
     def lock(self, name: str) -> str:
         return self._key("st", "lock", name)
 

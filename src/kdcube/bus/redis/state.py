@@ -1,6 +1,7 @@
 """Redis shared state: sessions, windowed counters, heartbeats and locks.
 
-Sessions and counters are pipelines of plain commands, one round trip each.
+Sessions, counters and tallies are pipelines of plain commands, one round
+trip each.
 Heartbeats and locks are scripts, because each reads and then writes: a beat
 prunes expired instances by the server's clock, a lock draws its fencing
 token only when it is free, and unlock deletes only the holder's lock.
@@ -12,6 +13,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from coredis import PureToken, Redis
@@ -131,6 +133,20 @@ class RedisState:
             str(instance): json.loads(info)
             for instance, info in zip(reply[::2], reply[1::2], strict=True)
         }
+
+    @maps_errors("add to a tally")
+    async def add(self, tally: str, amounts: Mapping[str, float]) -> None:
+        if not amounts:
+            return
+        key = self._keys.tally(tally)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for field, amount in amounts.items():
+                pipe.hincrbyfloat(key, field, float(amount))
+
+    @maps_errors("read a tally")
+    async def totals(self, tally: str) -> dict[str, float]:
+        stored = await self._redis.hgetall(self._keys.tally(tally))
+        return {str(field): float(value) for field, value in stored.items()}
 
     @maps_errors("take a lock")
     async def lock(self, name: str, *, ttl_s: float) -> int | None:
