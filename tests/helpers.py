@@ -158,7 +158,8 @@ def _drop_schema(dsn: str, schema: str) -> None:
 async def serve(
     tmp_path: Path, *, keep_data: bool = False, **overrides: Any
 ) -> AsyncIterator[Server]:
-    """Run every role in this event loop; drain it when the block ends.
+    """Run every role (as ``kdcube run`` does) in this event loop; drain it
+    when the block ends.
 
     Its Redis keys and Postgres schema are removed afterwards, unless
     ``keep_data`` (for a test that starts a second server on the same data).
@@ -175,7 +176,7 @@ async def serve(
         },
     )
     supervisor = Supervisor(
-        settings, {Role.INGRESS, Role.PROC}, host="127.0.0.1", port=0
+        settings, {Role.INGRESS, Role.PROC, Role.METRICS}, host="127.0.0.1", port=0
     )
     try:
         async with anyio.create_task_group() as tasks:

@@ -47,7 +47,7 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
         # runs code unasked.
         overrides["exec"] = "local" if shutil.which("bwrap") else "subprocess"
     settings = _settings(**overrides)
-    _start(settings, {Role.INGRESS, Role.PROC}, host, port)
+    _start(settings, {Role.INGRESS, Role.PROC, Role.METRICS}, host, port)
 
 
 @main.command()
@@ -57,19 +57,19 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
 def serve(role: str, host: str, port: int | None) -> None:
     """One role, configured from the environment, as in a container."""
     settings = _settings()
-    if role not in (Role.INGRESS, Role.PROC):
+    if role not in (Role.INGRESS, Role.PROC, Role.METRICS):
         _fail(f"the {role} role is not available in this version")
     if not settings.distributed:
         _fail(
             f"kdcube serve {role} needs KDCUBE_REDIS_URL and KDCUBE_POSTGRES_DSN so"
             " that roles in other processes share work; use `kdcube run` for one process"
         )
-    if settings.auth is None:
+    if settings.auth is None and role != Role.METRICS:
         _fail(
             "invalid KDCUBE_AUTH: set it (dev identity is never a silent default"
             " outside kdcube run)"
         )
-    if settings.auth == "dev":
+    if settings.auth == "dev" and role != Role.METRICS:
         click.echo(
             "kdcube: warning: KDCUBE_AUTH=dev lets anyone claim any user id", err=True
         )

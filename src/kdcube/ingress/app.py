@@ -92,6 +92,7 @@ class _IngressRoutes:
             backpressure,
             breakers,
             platform.bus.relay,
+            platform.bus.state,
             tenant=platform.settings.tenant,
             project=platform.settings.project,
         )
@@ -227,7 +228,7 @@ class _IngressRoutes:
 
     async def stream(self) -> Response:
         self._refuse_when_draining()
-        self.guard.admit_stream(self.hub.connections)
+        await self.guard.admit_stream(self.hub.connections)
         identity = await self._identify()
         stream_id = requests.client_id(
             request.args.get("stream_id"), "stream_id", required=True
@@ -539,7 +540,12 @@ class _IngressRoutes:
             emitter = emitter_for(self.bus.relay, job)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_ABANDON_S):
                 await end_turn(
-                    self.store, emitter, job, ending, final_status=job.announced
+                    self.store,
+                    emitter,
+                    job,
+                    ending,
+                    final_status=job.announced,
+                    counts=self.bus.state,
                 )
             raise
 
@@ -555,6 +561,7 @@ class _IngressRoutes:
                     result.job,
                     Ending.cancelled(),
                     final_status=result.job.announced,
+                    counts=self.bus.state,
                 )
 
     async def _publish_status(

@@ -16,9 +16,10 @@ from contextlib import AbstractAsyncContextManager
 
 import structlog
 
-from kdcube.bus import BusUnavailable, Relay
+from kdcube.bus import BusUnavailable, Relay, State
 from kdcube.gateway import Backpressure, Breakers, CircuitOpen, GatewayBackends
 from kdcube.identity import Identity
+from kdcube.metrics.tallies import count_rejection
 from kdcube.wire import events, sse
 from kdcube.wire.errors import ApiError
 from kdcube.wire.events import Route, TurnAddress
@@ -36,6 +37,7 @@ class Guard:
         backpressure: Backpressure,
         breakers: Breakers,
         relay: Relay,
+        state: State,
         *,
         tenant: str,
         project: str,
@@ -44,6 +46,7 @@ class Guard:
         self._backpressure = backpressure
         self.breakers = breakers
         self._relay = relay
+        self._state = state
         self._tenant = tenant
         self._project = project
 
@@ -65,10 +68,14 @@ class Guard:
         await self._rate_limit(identity, session_id, stream_id=stream_id)
         await self._backpressure_check(identity, session_id, stream_id)
 
-    def admit_stream(self, open_streams: int) -> None:
-        limit = self._backends.board.current().limits.max_sse_connections_per_instance
+    def stream_limit(self) -> int:
+        return self._backends.board.current().limits.max_sse_connections_per_instance
+
+    async def admit_stream(self, open_streams: int) -> None:
+        limit = self.stream_limit()
         if open_streams >= limit:
             log.warning("gateway.stream_cap", open=open_streams, limit=limit)
+            await count_rejection(self._state, "too_many_streams")
             raise ApiError(
                 429,
                 "too_many_streams",
@@ -130,6 +137,7 @@ class Guard:
             user_type=identity.user_type.value,
             session=session_id,
         )
+        await count_rejection(self._state, reason)
         if stream_id is None:
             return
         address = TurnAddress(

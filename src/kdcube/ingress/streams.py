@@ -47,10 +47,19 @@ class StreamHub:
     keepalive_s: float
     _open: set[_OpenStream] = field(default_factory=set)
     _closed_one: anyio.Event = field(default_factory=anyio.Event)
+    _changed: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def connections(self) -> int:
         return len(self._open)
+
+    async def wait_change(self) -> None:
+        """Return once a stream opened or closed after this call began."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def close_all(self) -> None:
         """Ask every stream to flush what it has, say goodbye and end."""
@@ -64,6 +73,7 @@ class StreamHub:
     async def frames(self, start: StreamStart) -> AsyncIterator[bytes]:
         stream = _OpenStream()
         self._open.add(stream)
+        self._note_change()
         opened_at = anyio.current_time()
         sent = 0
         try:
@@ -99,6 +109,7 @@ class StreamHub:
             )
         finally:
             self._open.discard(stream)
+            self._note_change()
             self._closed_one.set()
             self._closed_one = anyio.Event()
             log.info(

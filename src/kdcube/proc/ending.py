@@ -8,7 +8,8 @@ from enum import StrEnum
 import anyio
 import structlog
 
-from kdcube.bus import BusError, Relay, TurnJob
+from kdcube.bus import BusError, Relay, State, TurnJob
+from kdcube.metrics.tallies import count_turn
 from kdcube.proc.emitter import TurnEmitter
 from kdcube.store import Store, StoreError, StoreUnavailable, TurnOutcome, TurnState
 from kdcube.wire.events import ErrorType, TurnAddress
@@ -113,9 +114,12 @@ async def end_turn(
     ending: Ending,
     *,
     final_status: bool,
+    counts: State | None = None,
 ) -> bool | None:
     """Record the outcome, then announce it: the terminal event, and the
     closing ``conv_status`` when ``final_status`` (for turns that had started).
+    With ``counts``, an outcome recorded by this call is also counted there
+    for the metrics (once per turn, as the store records once).
 
     The store records an outcome once, so an outcome recorded earlier (by an
     ingress dropping a queued turn, or by a processor that then died) wins
@@ -139,6 +143,10 @@ async def end_turn(
         log.error("store.finish_failed", turn_id=job.turn_id, error=str(exc))
         recorded_now = True
 
+    if recorded_now and counts is not None:
+        # Before the announcement: whoever sees the terminal event may read
+        # the count (and the processor acks right after announcing).
+        await count_turn(counts, ending.state.value)
     announced = ending if recorded_now else await _recorded(store, job)
     if announced is not None:
         await _announce(emitter, job, announced, final_status=final_status)

@@ -26,6 +26,7 @@ from kdcube.bundles.live import LoadedBundles
 from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
 from kdcube.bus.board import Board
 from kdcube.exec import Executor, Executors
+from kdcube.metrics.tallies import observe_queue_wait
 from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import SealedEmitter, TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
@@ -41,6 +42,7 @@ from kdcube.sdk import (
 from kdcube.storage import Storage
 from kdcube.storage.layout import Layout, safe_file_name
 from kdcube.store import Store, StoreUnavailable
+from kdcube.wire.events import now_ms
 from kdcube.wire.ids import new_id
 
 log = structlog.get_logger("kdcube.proc")
@@ -206,6 +208,9 @@ class Processor:
             # now still sees this turn as running and applies its deadline.
             turn = self._running[claim.job.turn_id] = _RunningTurn(claim)
             turns.start_soon(self._run_turn, turn)
+            if claim.deliveries == 1:
+                waited_s = (now_ms() - claim.job.enqueued_at_ms) / 1000
+                turns.start_soon(observe_queue_wait, self._bus.state, waited_s)
 
     async def _claim(self) -> Claim:
         while True:
@@ -551,7 +556,12 @@ class Processor:
 
         if ending is not None:
             ended = await end_turn(
-                self._store, emitter, turn.claim.job, ending, final_status=turn.began
+                self._store,
+                emitter,
+                turn.claim.job,
+                ending,
+                final_status=turn.began,
+                counts=self._bus.state,
             )
             turn.leave_to_lease = ended is None
         if turn.leave_to_lease:
@@ -571,5 +581,10 @@ class Processor:
                 emitter = emitter_for(self._bus.relay, job)
                 ending = Ending.interrupted("server_shutdown")
                 await end_turn(
-                    self._store, emitter, job, ending, final_status=job.announced
+                    self._store,
+                    emitter,
+                    job,
+                    ending,
+                    final_status=job.announced,
+                    counts=self._bus.state,
                 )

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
+from typing import Any
 
 import anyio
 import sniffio
@@ -24,6 +25,8 @@ from kdcube.bundles.git import GitBundles
 from kdcube.bundles.live import LoadedBundles
 from kdcube.config import Settings
 from kdcube.ingress import StreamHub, create_ingress_app
+from kdcube.ingress.heartbeat import beat_streams
+from kdcube.metrics import BusMetrics, MetricsApp
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
 from kdcube.runtime.http import hypercorn_config, serve_http
@@ -38,6 +41,7 @@ _STREAMS_GOODBYE_S = 5.0
 class Role(StrEnum):
     INGRESS = "ingress"
     PROC = "proc"
+    METRICS = "metrics"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +86,18 @@ class Supervisor:
                 self._root = root.cancel_scope
                 processor = await self._start_processor(root, platform)
                 hub = StreamHub(platform.bus.relay, self._settings.sse_keepalive_s)
-                app = create_ingress_app(
-                    platform,
-                    hub,
-                    backend=sniffio.current_async_library(),
-                    chat=Role.INGRESS in self._roles,
-                )
+                metrics = self._bus_metrics(platform)
+                app = self._app(platform, hub, metrics)
                 http_closed = anyio.Event()
                 config = hypercorn_config(self._host, self._port)
                 async with anyio.create_task_group() as watchers:
                     # The live documents are read before the first request.
                     await watchers.start(platform.gateway.board.watch)
                     await watchers.start(platform.bundles.watch)
+                    if metrics is not None:
+                        watchers.start_soon(metrics.sample_forever)
+                    if Role.INGRESS in self._roles:
+                        watchers.start_soon(self._beat_streams, platform, hub)
                     urls = await root.start(
                         partial(serve_http, app, config, shutdown=http_closed)
                     )
@@ -107,6 +111,38 @@ class Supervisor:
                     await self._stop_requested.wait()
                     await self._drain(platform, processor, hub, http_closed)
                     watchers.cancel_scope.cancel()
+
+    def _bus_metrics(self, platform: Platform) -> BusMetrics | None:
+        if Role.METRICS not in self._roles:
+            return None
+        board = platform.gateway.board
+        return BusMetrics(platform.bus, lambda: board.current().backpressure)
+
+    def _app(
+        self, platform: Platform, hub: StreamHub, metrics: BusMetrics | None
+    ) -> Any:
+        """The ingress app (health only for a processor), with the metrics
+        routes in front when this process is the metrics role too."""
+        ingress = None
+        if self._roles & {Role.INGRESS, Role.PROC}:
+            ingress = create_ingress_app(
+                platform,
+                hub,
+                backend=sniffio.current_async_library(),
+                chat=Role.INGRESS in self._roles,
+            )
+        if metrics is None:
+            return ingress
+        return MetricsApp(metrics, platform.health, fallback=ingress)
+
+    async def _beat_streams(self, platform: Platform, hub: StreamHub) -> None:
+        board = platform.gateway.board
+        await beat_streams(
+            platform.bus.state,
+            hub,
+            lambda: board.current().limits.max_sse_connections_per_instance,
+            lambda: platform.health.draining,
+        )
 
     async def _start_processor(
         self, root: anyio.abc.TaskGroup, platform: Platform

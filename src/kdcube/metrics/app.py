@@ -1,0 +1,113 @@
+"""The metrics role over HTTP: a plain ASGI callable.
+
+Routes: ``/metrics`` (Prometheus text: the bus, read now, plus this process),
+``/metrics.json`` (the same reading with its windows), ``/health`` and
+``/ready`` (left to ``fallback`` when there is one). Any other request goes
+to ``fallback`` (the ingress app in ``kdcube run``), or gets 404.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
+
+from kdcube.metrics.collector import BusMetrics
+from kdcube.runtime.health import Health
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_JSON = "application/json"
+
+
+def process_registry(bus_metrics: BusMetrics) -> CollectorRegistry:
+    """The bus metrics and this process's own (CPU, memory, open files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    registry.register(bus_metrics)
+    return registry
+
+
+class MetricsApp:
+    def __init__(
+        self, metrics: BusMetrics, health: Health, *, fallback: Any = None
+    ) -> None:
+        """``fallback`` is an ASGI app (Quart's, typed by its own ASGI types)."""
+        self._metrics = metrics
+        self._health = health
+        self._registry = process_registry(metrics)
+        self._fallback: Asgi | None = fallback
+        self._routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
+            "/metrics": self._prometheus,
+            "/metrics.json": self._json,
+        }
+        if fallback is None:
+            # Beside another app, that app answers for the process's health.
+            self._routes |= {"/health": self._alive, "/ready": self._ready}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = (
+            self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        )
+        if route is not None:
+            if scope.get("method") not in ("GET", "HEAD"):
+                await _respond(send, 405, _JSON, b'{"error":"method_not_allowed"}')
+                return
+            status, content_type, body = await route()
+            await _respond(
+                send, status, content_type, body, head=scope["method"] == "HEAD"
+            )
+        elif self._fallback is not None:
+            await self._fallback(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await _respond(send, 404, _JSON, b'{"error":"not_found"}')
+
+    async def _prometheus(self) -> tuple[int, str, bytes]:
+        await self._metrics.refresh()
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(self._registry)
+
+    async def _json(self) -> tuple[int, str, bytes]:
+        await self._metrics.refresh()
+        return 200, _JSON, json.dumps(self._metrics.report(), indent=2).encode()
+
+    async def _alive(self) -> tuple[int, str, bytes]:
+        return 200, _JSON, b'{"status":"ok"}'
+
+    async def _ready(self) -> tuple[int, str, bytes]:
+        status, body = self._health.readiness()
+        return status, _JSON, json.dumps(body).encode()
+
+
+async def _respond(
+    send: Send, status: int, content_type: str, body: bytes, *, head: bool = False
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

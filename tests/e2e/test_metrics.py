@@ -1,0 +1,226 @@
+"""The metrics role through HTTP: real turns, streams and refusals, read back
+from ``/metrics`` (and ``/metrics.json``) as Prometheus would."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kdcube.gateway.backpressure import process_capacity
+from kdcube.gateway.config import BackpressureConfig
+from kdcube.runtime.supervisor import Role, Running, Supervisor
+from tests.helpers import Server, auth, backend, open_stream, prompt_body, serve, submit
+
+pytestmark = pytest.mark.anyio
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+BACKPRESSURE = {"capacity_buffer": 0.0, "queue_depth_multiplier": 9.0}
+
+
+def gateway_file(folder: Path, **sections: Any) -> Path:
+    path = folder / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"gateway": sections}))
+    return path
+
+
+async def scrape(client: httpx.AsyncClient) -> Series:
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(series: Series, name: str, **labels: str) -> float | None:
+    return series.get((name, frozenset(labels.items())))
+
+
+async def eventually(
+    client: httpx.AsyncClient, name: str, expected: float, **labels: str
+) -> Series:
+    """Scrape until ``name`` reads ``expected`` (heartbeats lag a little)."""
+    series: Series = {}
+    with anyio.fail_after(10):
+        while value(series, name, **labels) != expected:
+            series = await scrape(client)
+            if value(series, name, **labels) != expected:
+                await anyio.sleep(0.1)
+    return series
+
+
+async def cancel(server: Server, user: str, conversation_id: str) -> None:
+    response = await server.client.post(
+        "/sse/cancel", json={"conversation_id": conversation_id}, headers=auth(user)
+    )
+    assert response.status_code == 202, response.text
+
+
+async def test_queue_depth_follows_queued_turns_and_utilization_is_queued_over_capacity(
+    tmp_path: Path,
+) -> None:
+    config = gateway_file(tmp_path, backpressure=BACKPRESSURE)
+    async with serve(tmp_path, proc_concurrency=2, gateway_config=config) as server:
+        idle = await eventually(server.client, "kdcube_proc_processes", 1)
+        acks = {
+            user: await submit(
+                server.client, user, "take your time", bundle_id="glacial"
+            )
+            for user in ("alice", "bob", "carol", "dave", "erin")
+        }
+        loaded = await eventually(server.client, "kdcube_queue_inflight", 2)
+        for user, ack in acks.items():
+            await cancel(server, user, ack["conversation_id"])
+        drained = await eventually(server.client, "kdcube_queue_inflight", 0)
+        cancelled = await eventually(
+            server.client, "kdcube_turns_total", 5, outcome="cancelled"
+        )
+
+    capacity = process_capacity(2, BackpressureConfig.model_validate(BACKPRESSURE))
+    assert capacity == 20
+    assert value(idle, "kdcube_queue_ready") == 0
+    assert value(idle, "kdcube_queue_utilization_ratio") == 0
+    assert value(idle, "kdcube_proc_capacity") == 2
+    assert value(idle, "kdcube_queue_capacity") == capacity
+
+    assert value(loaded, "kdcube_queue_ready") == 3
+    assert value(loaded, "kdcube_queue_utilization_ratio") == pytest.approx(5 / 20)
+    assert value(loaded, "kdcube_queue_wait_seconds_count") == 2
+    assert value(drained, "kdcube_queue_ready") == 0
+    assert value(drained, "kdcube_queue_utilization_ratio") == 0
+    assert value(cancelled, "kdcube_turns_total", outcome="completed") is None
+    # Every scrape sampled the windows: the 1 m mean lies between idle and loaded.
+    mean = value(cancelled, "kdcube_queue_utilization_avg_ratio", window="1m")
+    assert mean is not None and 0 < mean < 5 / 20
+
+
+async def test_completed_turns_are_counted_with_their_queue_waits(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path) as server, open_stream(server.client, "alice") as stream:
+        for text in ("one", "two", "three"):
+            ack = await submit(server.client, "alice", text)
+            await stream.turn(ack["turn_id"])
+        series = await eventually(
+            server.client, "kdcube_turns_total", 3, outcome="completed"
+        )
+        report = (await server.client.get("/metrics.json")).json()
+
+    assert value(series, "kdcube_queue_wait_seconds_count") == 3
+    assert value(series, "kdcube_queue_wait_seconds_bucket", le="+Inf") == 3
+    assert value(series, "kdcube_queue_wait_seconds_sum") is not None
+    assert value(series, "kdcube_queue_ready") == 0
+    assert value(series, "kdcube_metrics_bus_up") == 1
+    # The process itself, beside what the bus says.
+    assert value(series, "process_cpu_seconds_total") is not None
+    assert report["bus_up"] is True
+    assert report["turns_total"] == {"completed": 3.0}
+    assert report["queue"]["wait_seconds"]["count"] == 3
+    assert set(report["queue"]["utilization_ratio_avg"]) == {"1m", "15m"}
+    assert report["queue"]["wait_p95_seconds"]["1m"] is not None
+
+
+async def test_open_streams_are_counted_against_the_stream_cap(
+    tmp_path: Path,
+) -> None:
+    config = gateway_file(tmp_path, limits={"max_sse_connections_per_instance": 4})
+    async with serve(tmp_path, gateway_config=config) as server:
+        await eventually(server.client, "kdcube_sse_connections", 0)
+        async with (
+            open_stream(server.client, "alice"),
+            open_stream(server.client, "bob"),
+        ):
+            both = await eventually(server.client, "kdcube_sse_connections", 2)
+        closed = await eventually(server.client, "kdcube_sse_connections", 0)
+
+    assert value(both, "kdcube_sse_max_connections") == 4
+    assert value(both, "kdcube_sse_saturation_ratio") == pytest.approx(0.5)
+    assert value(both, "kdcube_ingress_processes") == 1
+    assert value(closed, "kdcube_sse_saturation_ratio") == 0
+
+
+async def test_gateway_refusals_are_counted_by_reason(tmp_path: Path) -> None:
+    config = gateway_file(
+        tmp_path,
+        rate_limits={"registered": {"burst": 2, "burst_window": 60}},
+        limits={"max_sse_connections_per_instance": 1},
+    )
+    async with serve(tmp_path, gateway_config=config) as server:
+        answers = [
+            await server.client.post(
+                "/sse/chat", json=prompt_body("hi"), headers=auth("alice")
+            )
+            for _ in range(3)
+        ]
+        async with open_stream(server.client, "bob"):
+            extra = await server.client.get(
+                "/sse/stream", params={"stream_id": "s2"}, headers=auth("carol")
+            )
+        series = await scrape(server.client)
+
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert extra.status_code == 429
+    rejections = "kdcube_gateway_rejections_total"
+    assert value(series, rejections, reason="burst_rate_limit") == 1
+    assert value(series, rejections, reason="too_many_streams") == 1
+
+
+async def test_metrics_app_answers_health_and_refuses_other_methods(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path) as server:
+        health = await server.client.get("/health")
+        ready = await server.client.get("/ready")
+        posted = await server.client.post("/metrics")
+
+    assert health.status_code == 200
+    assert ready.status_code == 200
+    assert posted.status_code == 405
+
+
+@asynccontextmanager
+async def metrics_role(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    """``kdcube serve metrics`` in this event loop, on the server's backends."""
+    settings = server.running.platform.settings
+    supervisor = Supervisor(settings, {Role.METRICS}, host="127.0.0.1", port=0)
+    async with anyio.create_task_group() as tasks:
+        running: Running = await tasks.start(supervisor.run)
+        async with httpx.AsyncClient(base_url=running.urls[0], timeout=10) as client:
+            yield client
+        supervisor.request_stop()
+
+
+@pytest.mark.skipif(
+    backend() == "embedded", reason="a separate role shares only a durable bus"
+)
+async def test_a_separate_metrics_role_reads_the_shared_bus(tmp_path: Path) -> None:
+    async with (
+        serve(tmp_path) as server,
+        open_stream(server.client, "alice") as stream,
+        metrics_role(server) as metrics,
+    ):
+        ack = await submit(server.client, "alice", "hello")
+        await stream.turn(ack["turn_id"])
+        await eventually(metrics, "kdcube_turns_total", 1, outcome="completed")
+        series = await eventually(metrics, "kdcube_sse_connections", 1)
+        health = await metrics.get("/health")
+        ready = await metrics.get("/ready")
+        chat = await metrics.post("/sse/chat", json=prompt_body("hi"))
+
+    assert value(series, "kdcube_proc_processes") == 1
+    assert value(series, "kdcube_sse_connections") == 1
+    assert value(series, "process_cpu_seconds_total") is not None
+    assert health.json() == {"status": "ok"}
+    assert ready.status_code == 200
+    assert chat.status_code == 404
