@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     exec_fargate_region: str | None = None
     bundles: Path | None = None
     gateway_config: Path | None = None
+    metrics_cloudwatch_namespace: str | None = Field(None, min_length=1, max_length=255)
+    """Where the metrics role publishes the autoscaling figures as EMF lines
+    on stdout; unset publishes nothing."""
+    metrics_export_interval_s: float = Field(60.0, gt=0)
 
     drain_timeout_s: float = Field(30.0, ge=0)
     proc_concurrency: int = Field(32, ge=1, le=10_000)

@@ -3,6 +3,8 @@ from ``/metrics`` (and ``/metrics.json``) as Prometheus would."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kdcube.gateway.backpressure import process_capacity
-from kdcube.gateway.config import BackpressureConfig
+from kdcube.gateway.config import BackpressureConfig, Limits
 from kdcube.runtime.supervisor import Role, Running, Supervisor
 from tests.helpers import Server, auth, backend, open_stream, prompt_body, serve, submit
 
@@ -224,3 +226,43 @@ async def test_a_separate_metrics_role_reads_the_shared_bus(tmp_path: Path) -> N
     assert health.json() == {"status": "ok"}
     assert ready.status_code == 200
     assert chat.status_code == 404
+
+
+async def test_the_autoscaling_figures_go_to_stdout_as_emf_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with (
+        serve(
+            tmp_path,
+            metrics_cloudwatch_namespace="kdcube-test",
+            metrics_export_interval_s=0.1,
+        ) as server,
+        open_stream(server.client, "alice"),
+    ):
+        records: list[dict[str, Any]] = []
+        with anyio.fail_after(10):
+            while True:
+                records += emf_records(capsys.readouterr().out)
+                if records and records[-1]["chat/ingress/sse/saturation"] > 0:
+                    break
+                await anyio.sleep(0.1)
+
+    record = records[-1]
+    [directive] = record["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == "kdcube-test"
+    assert directive["Dimensions"] == [[]]
+    assert {m["Name"]: m["Unit"] for m in directive["Metrics"]} == {
+        "chat/proc/queue/utilization": "None",
+        "chat/proc/queue/wait/p95": "Seconds",
+        "chat/ingress/sse/saturation": "None",
+    }
+    limit = Limits().max_sse_connections_per_instance  # the gateway's default
+    assert record["chat/ingress/sse/saturation"] == 1 / limit
+    assert record["chat/proc/queue/utilization"] == 0
+    assert abs(record["_aws"]["Timestamp"] / 1000 - time.time()) < 60
+
+
+def emf_records(output: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line) for line in output.splitlines() if line.startswith('{"_aws"')
+    ]

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import sniffio
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from kdcube.bundles.git import GitBundles
 from kdcube.bundles.live import LoadedBundles
@@ -27,6 +27,7 @@ from kdcube.config import Settings
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.ingress.heartbeat import beat_streams
 from kdcube.metrics import BusMetrics, MetricsApp
+from kdcube.metrics.emf import export_forever
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
 from kdcube.runtime.http import hypercorn_config, serve_http
@@ -96,6 +97,7 @@ class Supervisor:
                     await watchers.start(platform.bundles.watch)
                     if metrics is not None:
                         watchers.start_soon(metrics.sample_forever)
+                        self._export_metrics(watchers, metrics)
                     if Role.INGRESS in self._roles:
                         watchers.start_soon(self._beat_streams, platform, hub)
                     urls = await root.start(
@@ -111,6 +113,14 @@ class Supervisor:
                     await self._stop_requested.wait()
                     await self._drain(platform, processor, hub, http_closed)
                     watchers.cancel_scope.cancel()
+
+    def _export_metrics(self, watchers: TaskGroup, metrics: BusMetrics) -> None:
+        namespace = self._settings.metrics_cloudwatch_namespace
+        if namespace is None:
+            return
+        interval_s = self._settings.metrics_export_interval_s
+        watchers.start_soon(export_forever, metrics, namespace, interval_s)
+        log.info("metrics.emf_export", namespace=namespace, interval_s=interval_s)
 
     def _bus_metrics(self, platform: Platform) -> BusMetrics | None:
         if Role.METRICS not in self._roles:
