@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from kdcube.config import Settings
 from kdcube.gateway.backpressure import process_capacity
 from kdcube.gateway.config import BackpressureConfig, Limits
 from kdcube.runtime.supervisor import Role, Running, Supervisor
@@ -194,8 +195,14 @@ async def test_metrics_app_answers_health_and_refuses_other_methods(
 @asynccontextmanager
 async def metrics_role(server: Server) -> AsyncIterator[httpx.AsyncClient]:
     """``kdcube serve metrics`` in this event loop, on the server's backends."""
-    settings = server.running.platform.settings
-    supervisor = Supervisor(settings, {Role.METRICS}, host="127.0.0.1", port=0)
+    async with role(server.running.platform.settings, Role.METRICS) as client:
+        yield client
+
+
+@asynccontextmanager
+async def role(settings: Settings, served: Role) -> AsyncIterator[httpx.AsyncClient]:
+    """``kdcube serve ROLE`` in this event loop, with ``settings``."""
+    supervisor = Supervisor(settings, {served}, host="127.0.0.1", port=0)
     async with anyio.create_task_group() as tasks:
         running: Running = await tasks.start(supervisor.run)
         async with httpx.AsyncClient(base_url=running.urls[0], timeout=10) as client:
@@ -226,6 +233,23 @@ async def test_a_separate_metrics_role_reads_the_shared_bus(tmp_path: Path) -> N
     assert health.json() == {"status": "ok"}
     assert ready.status_code == 200
     assert chat.status_code == 404
+
+
+async def test_other_roles_serve_their_own_process_metrics_only(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path) as server:
+        # A home of its own: the embedded store is one process's alone.
+        settings = server.running.platform.settings.model_copy(
+            update={"home": tmp_path / "proc-home"}
+        )
+        async with role(settings, Role.PROC) as proc:
+            series = await scrape(proc)
+            report = await proc.get("/metrics.json")
+
+    assert value(series, "process_cpu_seconds_total") is not None
+    assert not any(name.startswith("kdcube_") for name, _ in series)
+    assert report.status_code == 404
 
 
 async def test_the_autoscaling_figures_go_to_stdout_as_emf_lines(

@@ -2,7 +2,9 @@
 
 Routes: ``/metrics`` (Prometheus text: the bus, read now, plus this process),
 ``/metrics.json`` (the same reading with its windows), ``/health`` and
-``/ready`` (left to ``fallback`` when there is one). Any other request goes
+``/ready`` (left to ``fallback`` when there is one). In a process that is not
+the metrics role (no ``BusMetrics``), ``/metrics`` holds this process's own
+series only and there is no ``/metrics.json``. Any other request goes
 to ``fallback`` (the ingress app in ``kdcube run``), or gets 404.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 from prometheus_client import (
@@ -31,17 +34,19 @@ Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 _JSON = "application/json"
 
 
-def process_registry(bus_metrics: BusMetrics) -> CollectorRegistry:
-    """The bus metrics and this process's own (CPU, memory, open files)."""
+def process_registry(bus_metrics: BusMetrics | None) -> CollectorRegistry:
+    """This process's own metrics (CPU, memory, open files), and the bus
+    metrics when given."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
-    registry.register(bus_metrics)
+    if bus_metrics is not None:
+        registry.register(bus_metrics)
     return registry
 
 
 class MetricsApp:
     def __init__(
-        self, metrics: BusMetrics, health: Health, *, fallback: Any = None
+        self, metrics: BusMetrics | None, health: Health, *, fallback: Any = None
     ) -> None:
         """``fallback`` is an ASGI app (Quart's, typed by its own ASGI types)."""
         self._metrics = metrics
@@ -49,9 +54,10 @@ class MetricsApp:
         self._registry = process_registry(metrics)
         self._fallback: Asgi | None = fallback
         self._routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
-            "/metrics": self._prometheus,
-            "/metrics.json": self._json,
+            "/metrics": self._prometheus
         }
+        if metrics is not None:
+            self._routes["/metrics.json"] = partial(self._json, metrics)
         if fallback is None:
             # Beside another app, that app answers for the process's health.
             self._routes |= {"/health": self._alive, "/ready": self._ready}
@@ -76,12 +82,13 @@ class MetricsApp:
             await _respond(send, 404, _JSON, b'{"error":"not_found"}')
 
     async def _prometheus(self) -> tuple[int, str, bytes]:
-        await self._metrics.refresh()
+        if self._metrics is not None:
+            await self._metrics.refresh()
         return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(self._registry)
 
-    async def _json(self) -> tuple[int, str, bytes]:
-        await self._metrics.refresh()
-        return 200, _JSON, json.dumps(self._metrics.report(), indent=2).encode()
+    async def _json(self, metrics: BusMetrics) -> tuple[int, str, bytes]:
+        await metrics.refresh()
+        return 200, _JSON, json.dumps(metrics.report(), indent=2).encode()
 
     async def _alive(self) -> tuple[int, str, bytes]:
         return 200, _JSON, b'{"status":"ok"}'

@@ -132,7 +132,8 @@ class Supervisor:
         self, platform: Platform, hub: StreamHub, metrics: BusMetrics | None
     ) -> Any:
         """The ingress app (health only for a processor), with the metrics
-        routes in front when this process is the metrics role too."""
+        routes in front: the bus's when this process is the metrics role,
+        else this process's own."""
         ingress = None
         if self._roles & {Role.INGRESS, Role.PROC}:
             ingress = create_ingress_app(
@@ -141,8 +142,6 @@ class Supervisor:
                 backend=sniffio.current_async_library(),
                 chat=Role.INGRESS in self._roles,
             )
-        if metrics is None:
-            return ingress
         return MetricsApp(metrics, platform.health, fallback=ingress)
 
     async def _beat_streams(self, platform: Platform, hub: StreamHub) -> None:
