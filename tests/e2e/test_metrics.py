@@ -115,12 +115,16 @@ async def test_completed_turns_are_counted_with_their_queue_waits(
         for text in ("one", "two", "three"):
             ack = await submit(server.client, "alice", text)
             await stream.turn(ack["turn_id"])
-        series = await eventually(
-            server.client, "kdcube_turns_total", 3, outcome="completed"
-        )
+        await eventually(server.client, "kdcube_turns_total", 3, outcome="completed")
+        # A turn's duration is recorded once its slot is free, just after.
+        series = await eventually(server.client, "kdcube_turn_seconds_count", 3)
         report = (await server.client.get("/metrics.json")).json()
 
     assert value(series, "kdcube_queue_wait_seconds_count") == 3
+    assert value(series, "kdcube_turn_seconds_count") == 3
+    assert value(series, "kdcube_turn_seconds_bucket", le="+Inf") == 3
+    turn_seconds = value(series, "kdcube_turn_seconds_sum")
+    assert turn_seconds is not None and 0 < turn_seconds < 30
     assert value(series, "kdcube_queue_wait_seconds_bucket", le="+Inf") == 3
     assert value(series, "kdcube_queue_wait_seconds_sum") is not None
     assert value(series, "kdcube_queue_ready") == 0

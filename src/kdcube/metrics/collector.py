@@ -8,7 +8,7 @@ between scrapes so the windows fill even when nobody scrapes. ``collect``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -132,6 +132,16 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+def _histogram(
+    name: str, doc: str, counts: Mapping[float, float], total: float
+) -> HistogramMetricFamily:
+    cumulative, buckets = 0.0, []
+    for bound, count in sorted(counts.items()):
+        cumulative += count
+        buckets.append((tallies.bound_field(bound), cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
 def _families(s: Snapshot, windows: Windows) -> Iterable[Metric]:
     yield _gauge("kdcube_queue_ready", "Turns waiting to be claimed.", s.ready)
     yield _gauge("kdcube_queue_inflight", "Turns claimed by a processor.", s.inflight)
@@ -163,15 +173,17 @@ def _families(s: Snapshot, windows: Windows) -> Iterable[Metric]:
             p95.add_metric([span], quantile)
     yield average
     yield p95
-    cumulative, buckets = 0.0, []
-    for bound, count in sorted(s.waits.items()):
-        cumulative += count
-        buckets.append((tallies.bound_field(bound), cumulative))
-    yield HistogramMetricFamily(
+    yield _histogram(
         "kdcube_queue_wait_seconds",
         "Seconds from enqueue to first claim, per turn.",
-        buckets=buckets,
-        sum_value=s.wait_sum_s,
+        s.waits,
+        s.wait_sum_s,
+    )
+    yield _histogram(
+        "kdcube_turn_seconds",
+        "Seconds a processor spent on a turn, from claim to recorded outcome.",
+        s.durations,
+        s.duration_sum_s,
     )
     yield _gauge(
         "kdcube_proc_capacity",

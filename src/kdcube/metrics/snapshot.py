@@ -36,6 +36,9 @@ class Snapshot:
     waits: Mapping[float, float]
     """Queue wait bucket upper bound -> turns that waited that long, ever."""
     wait_sum_s: float
+    durations: Mapping[float, float]
+    """Turn duration bucket upper bound -> turns that took that long, ever."""
+    duration_sum_s: float
 
     @property
     def queued(self) -> int:
@@ -61,6 +64,7 @@ async def read_snapshot(bus: Bus, backpressure: BackpressureConfig) -> Snapshot:
     ingresses = await bus.state.alive("ingress")
     taking = [info for info in procs.values() if not info.get("draining", False)]
     waits = await bus.state.totals(tallies.QUEUE_WAIT)
+    durations = await bus.state.totals(tallies.TURN_DURATION)
     return Snapshot(
         ready=stats.ready,
         inflight=stats.inflight,
@@ -76,6 +80,8 @@ async def read_snapshot(bus: Bus, backpressure: BackpressureConfig) -> Snapshot:
         rejections=await bus.state.totals(tallies.REJECTIONS),
         waits=_buckets(waits),
         wait_sum_s=waits.get(tallies.WAIT_SUM, 0.0),
+        durations=_buckets(durations),
+        duration_sum_s=durations.get(tallies.WAIT_SUM, 0.0),
     )
 
 

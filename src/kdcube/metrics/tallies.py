@@ -23,6 +23,9 @@ REJECTIONS = "metrics:rejections"
 QUEUE_WAIT = "metrics:queue-wait"
 """Fields: a bucket's upper bound (``"0.5"``, ``"+Inf"``) -> turns whose wait
 fell in it and above the previous bound; ``sum`` -> seconds waited in all."""
+TURN_DURATION = "metrics:turn-seconds"
+"""The same fields for the time a processor spent on a turn, from its claim
+to its recorded outcome."""
 
 WAIT_BUCKETS: tuple[float, ...] = (
     0.05,
@@ -39,7 +42,8 @@ WAIT_BUCKETS: tuple[float, ...] = (
     300.0,
     math.inf,
 )
-"""Upper bounds (seconds) of the queue wait histogram, the last one open."""
+"""Upper bounds (seconds) of the queue wait and turn duration histograms,
+the last one open."""
 WAIT_SUM = "sum"
 
 _RECORD_S = 2.0
@@ -64,9 +68,17 @@ async def count_rejection(state: State, reason: str) -> None:
 
 
 async def observe_queue_wait(state: State, seconds: float) -> None:
+    await _observe(state, QUEUE_WAIT, seconds)
+
+
+async def observe_turn_duration(state: State, seconds: float) -> None:
+    await _observe(state, TURN_DURATION, seconds)
+
+
+async def _observe(state: State, tally: str, seconds: float) -> None:
     seconds = max(0.0, seconds)
     amounts = {bound_field(wait_bucket(seconds)): 1.0, WAIT_SUM: seconds}
-    await _add(state, QUEUE_WAIT, amounts)
+    await _add(state, tally, amounts)
 
 
 async def _add(state: State, tally: str, amounts: Mapping[str, float]) -> None:

@@ -26,7 +26,7 @@ from kdcube.bundles.live import LoadedBundles
 from kdcube.bus import Bus, BusError, Claim, LeaseLost, TurnJob
 from kdcube.bus.board import Board
 from kdcube.exec import Executor, Executors
-from kdcube.metrics.tallies import observe_queue_wait
+from kdcube.metrics.tallies import observe_queue_wait, observe_turn_duration
 from kdcube.proc.asyncio_bundles import AsyncioBundles
 from kdcube.proc.emitter import SealedEmitter, TurnEmitter
 from kdcube.proc.ending import Ending, StopReason, emitter_for, end_turn
@@ -292,14 +292,18 @@ class Processor:
                     await self._settle(turn, emitter, ending)
                 keeper.cancel_scope.cancel()
                 self._forget(turn)
+                duration_s = anyio.current_time() - started_at
                 log.info(
                     "turn.finished",
                     turn_id=job.turn_id,
                     bundle_id=job.bundle_id,
                     outcome=ending.state.value if ending else "skipped",
                     reason=turn.reason,
-                    duration_ms=round((anyio.current_time() - started_at) * 1000, 1),
+                    duration_ms=round(duration_s * 1000, 1),
                 )
+        if ending is not None:
+            # Outside the keeper's cancelled scope, once the slot is free.
+            await observe_turn_duration(self._bus.state, duration_s)
 
     def _forget(self, turn: _RunningTurn) -> None:
         turn_id = turn.claim.job.turn_id
