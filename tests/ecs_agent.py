@@ -13,8 +13,9 @@ from typing import Any
 
 import anyio
 
+from kdcube.metrics.app import serve_lifespan
 from kdcube.runtime.http import hypercorn_config, serve_http
-from tests.openai_stub import read_body, respond_json, serve_lifespan
+from tests.openai_stub import read_body, respond_json
 
 ON_FOR_60 = {"ProtectionEnabled": True, "ExpiresInMinutes": 60}
 OFF = {"ProtectionEnabled": False}

@@ -77,7 +77,7 @@ class MetricsApp:
         elif self._fallback is not None:
             await self._fallback(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
         elif scope["type"] == "http":
             await _respond(send, 404, _JSON, b'{"error":"not_found"}')
 
@@ -110,7 +110,9 @@ async def _respond(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI server's lifespan messages for an app that needs no
+    start-up or shutdown of its own."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
