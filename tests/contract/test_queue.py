@@ -405,3 +405,20 @@ async def test_stats_count_waiting_and_claimed_turns(queue: Queue) -> None:
     await queue.ack(claim)
     stats = await queue.stats()
     assert (stats.ready, stats.inflight) == (2, 0)
+
+
+async def test_stats_age_the_longest_waiting_turn(queue: Queue) -> None:
+    assert (await queue.stats()).oldest_wait_s == 0.0
+
+    await queue.enqueue(job("a1", "a"))
+    await anyio.sleep(SHORT * 3)
+    await queue.enqueue(job("b1", "b"))
+    first_age = (await queue.stats()).oldest_wait_s
+    assert SHORT * 2 <= first_age < HOLD
+
+    claim = await queue.claim("c", lease_s=HOLD)
+    assert claim.job.turn_id == "a1"
+    assert (await queue.stats()).oldest_wait_s < first_age - SHORT
+
+    await queue.cancel("b1")
+    assert (await queue.stats()).oldest_wait_s == 0.0

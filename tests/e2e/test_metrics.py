@@ -83,6 +83,8 @@ async def test_queue_depth_follows_queued_turns_and_utilization_is_queued_over_c
             for user in ("alice", "bob", "carol", "dave", "erin")
         }
         loaded = await eventually(server.client, "kdcube_queue_inflight", 2)
+        await anyio.sleep(0.3)
+        waited = await scrape(server.client)
         for user, ack in acks.items():
             await cancel(server, user, ack["conversation_id"])
         drained = await eventually(server.client, "kdcube_queue_inflight", 0)
@@ -100,7 +102,11 @@ async def test_queue_depth_follows_queued_turns_and_utilization_is_queued_over_c
     assert value(loaded, "kdcube_queue_ready") == 3
     assert value(loaded, "kdcube_queue_utilization_ratio") == pytest.approx(5 / 20)
     assert value(loaded, "kdcube_queue_wait_seconds_count") == 2
+    assert value(idle, "kdcube_queue_oldest_wait_seconds") == 0
+    oldest = value(waited, "kdcube_queue_oldest_wait_seconds")
+    assert oldest is not None and 0.3 <= oldest < 60
     assert value(drained, "kdcube_queue_ready") == 0
+    assert value(drained, "kdcube_queue_oldest_wait_seconds") == 0
     assert value(drained, "kdcube_queue_utilization_ratio") == 0
     assert value(cancelled, "kdcube_turns_total", outcome="completed") is None
     # Every scrape sampled the windows: the 1 m mean lies between idle and loaded.

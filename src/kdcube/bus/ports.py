@@ -105,6 +105,9 @@ class CancelResult:
 class QueueStats:
     ready: int
     inflight: int
+    oldest_wait_s: float = 0.0
+    """How long the longest-waiting turn has been claimable (0 when none
+    waits). A turn put back after its lease lapsed counts from then."""
 
 
 class Queue(Protocol):

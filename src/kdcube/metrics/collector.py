@@ -94,6 +94,7 @@ class BusMetrics(Collector):
                 "ready": s.ready,
                 "inflight": s.inflight,
                 "queued": s.queued,
+                "oldest_wait_seconds": s.oldest_wait_s,
                 "admission_capacity": s.admission_capacity,
                 "utilization_ratio": s.utilization,
                 "utilization_ratio_avg": {
@@ -145,6 +146,11 @@ def _histogram(
 def _families(s: Snapshot, windows: Windows) -> Iterable[Metric]:
     yield _gauge("kdcube_queue_ready", "Turns waiting to be claimed.", s.ready)
     yield _gauge("kdcube_queue_inflight", "Turns claimed by a processor.", s.inflight)
+    yield _gauge(
+        "kdcube_queue_oldest_wait_seconds",
+        "How long the longest-waiting turn has been claimable (0 when none waits).",
+        s.oldest_wait_s,
+    )
     yield _gauge(
         "kdcube_queue_capacity",
         "Turns the gateway admits into the queue at most (backpressure capacity).",

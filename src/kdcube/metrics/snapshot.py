@@ -18,6 +18,8 @@ class Snapshot:
     """Turns waiting to be claimed."""
     inflight: int
     """Turns claimed by a processor (running or about to)."""
+    oldest_wait_s: float
+    """How long the longest-waiting turn has been claimable; 0 when none waits."""
     processes: int
     """Live processors that take turns (not draining)."""
     draining: int
@@ -68,6 +70,7 @@ async def read_snapshot(bus: Bus, backpressure: BackpressureConfig) -> Snapshot:
     return Snapshot(
         ready=stats.ready,
         inflight=stats.inflight,
+        oldest_wait_s=stats.oldest_wait_s,
         processes=len(taking),
         draining=len(procs) - len(taking),
         concurrency=sum(_count(info, "capacity") for info in taking),

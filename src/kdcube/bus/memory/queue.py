@@ -26,6 +26,7 @@ class _Waiting:
     job: TurnJob
     deliveries: int = 0
     started: bool = False
+    since: float = field(default_factory=anyio.current_time)
 
 
 @dataclass(slots=True)
@@ -148,8 +149,12 @@ class MemoryQueue:
 
     async def stats(self) -> QueueStats:
         await anyio.lowlevel.checkpoint()
-        ready = sum(len(c.waiting) for c in self._conversations.values())
-        return QueueStats(ready=ready, inflight=len(self._leases))
+        waiting = [w for c in self._conversations.values() for w in c.waiting]
+        oldest = min((w.since for w in waiting), default=None)
+        age = 0.0 if oldest is None else anyio.current_time() - oldest
+        return QueueStats(
+            ready=len(waiting), inflight=len(self._leases), oldest_wait_s=age
+        )
 
     def _take(self, consumer: str, expires_at: float) -> Claim | None:
         while self._ready:

@@ -51,6 +51,8 @@ class QueueKeys:
     """Sorted set: waiter id scored by when its wait ends (server ms)."""
     counters: str
     """Hash: ``token`` (fencing tokens) and ``rank`` (waiting order)."""
+    since: str
+    """Sorted set: waiting turn id scored by when it became claimable (server ms)."""
 
     def all(self) -> list[str]:
         return [
@@ -65,6 +67,7 @@ class QueueKeys:
             self.waiter,
             self.wakeups,
             self.counters,
+            self.since,
         ]
 
 
@@ -91,6 +94,7 @@ class KeyLayout:
                     "waiter",
                     "wakeups",
                     "counters",
+                    "since",
                 )
             )
         )

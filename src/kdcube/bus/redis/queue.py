@@ -201,8 +201,10 @@ class RedisQueue:
 
     @maps_errors("count turns")
     async def stats(self) -> QueueStats:
-        ready, inflight = _reply_list(await self._run(self._stats), "stats")
-        return QueueStats(ready=int(ready), inflight=int(inflight))
+        ready, inflight, age_ms = _reply_list(await self._run(self._stats), "stats")
+        return QueueStats(
+            ready=int(ready), inflight=int(inflight), oldest_wait_s=int(age_ms) / 1000
+        )
 
     async def _claim_as(self, waiter: str, consumer: str, lease_ms: int) -> Claim:
         planned_ms = _ms(MAX_WAIT_S)

@@ -1,7 +1,7 @@
 """The queue's Lua scripts: every step that reads and then writes runs as one.
 
 Each script is the shared prelude plus a body. All of them declare the same
-eleven keys (``QueueKeys.all()``, same order) and take the wake-list prefix as
+twelve keys (``QueueKeys.all()``, same order) and take the wake-list prefix as
 ARGV[1]. The per-waiter wake lists are the only keys built inside a script;
 they carry the deployment's hash tag, so they hash to the declared keys' slot
 and Redis Cluster runs the scripts (it refuses only cross-slot access).
@@ -28,7 +28,7 @@ from __future__ import annotations
 PRELUDE = """
 local JOBS, META, WAITING, READY, CLAIMED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local EXPIRY, HANDED, WAITERS, WAITER, WAKEUPS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local COUNTERS = KEYS[11]
+local COUNTERS, SINCE = KEYS[11], KEYS[12]
 local WAKE = ARGV[1]
 -- A wake list outlives a waiter that died or withdrew by at most this long.
 local BOX_MS = 60000
@@ -77,6 +77,7 @@ local function put_waiting(turn, meta, front)
   meta.t, meta.k, meta.w, meta.x = nil, nil, nil, nil
   save(turn, meta)
   redis.call('ZADD', WAITING, 0, meta.m)
+  redis.call('ZADD', SINCE, now_ms(), turn)
 end
 
 local function end_lease(turn, meta)
@@ -122,6 +123,7 @@ local function take(consumer, lease_ms, now, waiter)
       local turn = turn_of(member)
       local meta = load(turn)
       redis.call('ZREM', WAITING, member)
+      redis.call('ZREM', SINCE, turn)
       meta.m = nil
       meta.d = meta.d + 1
       meta.t = string.format('%d', redis.call('HINCRBY', COUNTERS, 'token', 1))
@@ -336,6 +338,7 @@ if meta.t then
 end
 local job = redis.call('HGET', JOBS, turn)
 redis.call('ZREM', WAITING, meta.m)
+redis.call('ZREM', SINCE, turn)
 redis.call('HDEL', META, turn)
 redis.call('HDEL', JOBS, turn)
 -- An emptied conversation leaves the line, or a later turn would inherit its place.
@@ -353,10 +356,13 @@ for _, member in ipairs(redis.call('ZRANGE', WAITING, 0, -1)) do
   redis.call('HDEL', META, turn)
   redis.call('HDEL', JOBS, turn)
 end
-redis.call('DEL', WAITING, READY)
+redis.call('DEL', WAITING, READY, SINCE)
 return jobs
 """
 
 STATS = """
-return {redis.call('ZCARD', WAITING), redis.call('ZCARD', EXPIRY)}
+local oldest = redis.call('ZRANGE', SINCE, 0, 0, 'WITHSCORES')[2]
+local age_ms = 0
+if oldest then age_ms = math.max(0, now_ms() - tonumber(oldest)) end
+return {redis.call('ZCARD', WAITING), redis.call('ZCARD', EXPIRY), age_ms}
 """
