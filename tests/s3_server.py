@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,27 @@ class S3Server:
             yield
         finally:
             _reset_moto_auth(self.endpoint, "0")
+
+    def key_allowed(self, actions: list[str]) -> tuple[str, str]:
+        """A new moto access key whose policy allows ``actions`` (``ecs:*``...).
+
+        moto checks every call against the caller's policy, and the session's
+        key may use S3 only; three calls go unchecked to make this key, then
+        moto checks again.
+        """
+        _reset_moto_auth(self.endpoint, str(_UNSIGNED_SETUP_CALLS))
+        iam = _client("iam", self.endpoint, self.region, "setup", "setup")
+        user = f"kdcube-{uuid.uuid4().hex[:8]}"
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+        }
+        iam.create_user(UserName=user)
+        iam.put_user_policy(
+            UserName=user, PolicyName="allowed", PolicyDocument=json.dumps(policy)
+        )
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
 
     def env(self) -> dict[str, str]:
         """Variables under which botocore's credential chain finds this server's key."""

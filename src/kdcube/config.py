@@ -17,6 +17,7 @@ AsyncBackend = Literal["trio", "asyncio"]
 AuthMode = Literal["dev", "oidc"]
 ScanPolicyName = Literal["required", "best_effort", "off"]
 ExecMode = Literal["off", "subprocess", "local", "docker", "fargate"]
+CloudWatchExport = Literal["emf", "api"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _COOKIE_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
@@ -77,8 +78,12 @@ class Settings(BaseSettings):
     bundles: Path | None = None
     gateway_config: Path | None = None
     metrics_cloudwatch_namespace: str | None = Field(None, min_length=1, max_length=255)
-    """Where the metrics role publishes the autoscaling figures as EMF lines
-    on stdout; unset publishes nothing."""
+    """Where the metrics role publishes the autoscaling figures; unset
+    publishes nothing."""
+    metrics_cloudwatch_export: CloudWatchExport = "emf"
+    """``emf``: lines on stdout for the awslogs driver; ``api``: PutMetricData."""
+    metrics_cloudwatch_endpoint_url: str | None = None
+    metrics_cloudwatch_region: str | None = None
     metrics_export_interval_s: float = Field(60.0, gt=0)
 
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -21,6 +21,7 @@ from kdcube.gateway.backpressure import process_capacity
 from kdcube.gateway.config import BackpressureConfig, Limits
 from kdcube.runtime.supervisor import Role, Running, Supervisor
 from tests.helpers import Server, auth, backend, open_stream, prompt_body, serve, submit
+from tests.s3_server import S3Server, _client
 
 pytestmark = pytest.mark.anyio
 
@@ -300,3 +301,67 @@ def emf_records(output: str) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in output.splitlines() if line.startswith('{"_aws"')
     ]
+
+
+async def test_the_autoscaling_figures_reach_cloudwatch_through_put_metric_data(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not s3_server.is_moto:
+        pytest.skip("needs moto, which serves CloudWatch beside S3")
+    # AWS names the action cloudwatch:PutMetricData; moto names it after the
+    # endpoint. The key may do nothing else, reading included.
+    access_key, secret_key = s3_server.key_allowed(
+        ["cloudwatch:PutMetricData", "monitoring:PutMetricData"]
+    )
+    for name, setting in s3_server.env().items():
+        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+    namespace = f"kdcube-{tmp_path.name}"
+    cloudwatch = _client(
+        "cloudwatch",
+        s3_server.endpoint,
+        s3_server.region,
+        *s3_server.key_allowed(["cloudwatch:*", "monitoring:*"]),
+    )
+
+    async with (
+        serve(
+            tmp_path,
+            metrics_cloudwatch_namespace=namespace,
+            metrics_cloudwatch_export="api",
+            metrics_cloudwatch_endpoint_url=s3_server.endpoint,
+            metrics_export_interval_s=0.1,
+        ) as server,
+        open_stream(server.client, "alice"),
+    ):
+        with anyio.fail_after(10):
+            while True:
+                peak = highest_saturation(cloudwatch, namespace)
+                if peak > 0:
+                    break
+                await anyio.sleep(0.1)
+
+    names = {
+        m["MetricName"] for m in cloudwatch.list_metrics(Namespace=namespace)["Metrics"]
+    }
+    assert names == {
+        "chat/proc/queue/utilization",
+        "chat/proc/queue/wait/p95",
+        "chat/ingress/sse/saturation",
+    }
+    assert peak == 1 / Limits().max_sse_connections_per_instance
+
+
+def highest_saturation(cloudwatch: Any, namespace: str) -> float:
+    """The highest SSE saturation CloudWatch holds; 0 before any data point."""
+    now = time.time()
+    answer = cloudwatch.get_metric_statistics(
+        Namespace=namespace,
+        MetricName="chat/ingress/sse/saturation",
+        StartTime=now - 600,
+        EndTime=now + 60,
+        Period=60,
+        Statistics=["Maximum"],
+    )
+    return max((point["Maximum"] for point in answer["Datapoints"]), default=0.0)

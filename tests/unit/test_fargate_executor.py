@@ -20,7 +20,6 @@ child process. Each test needs moto, as the S3 server.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -45,12 +44,6 @@ pytestmark = pytest.mark.anyio
 
 FAMILY = "kdcube-exec-test"
 CONTAINER = "exec"
-_ALL_WE_USE = {
-    "Version": "2012-10-17",
-    "Statement": [
-        {"Effect": "Allow", "Action": ["ecs:*", "ec2:*", "s3:*"], "Resource": "*"}
-    ],
-}
 _PINNED = {"progression": "manual", "times": 10**9}
 
 
@@ -98,26 +91,11 @@ def _moto_api(server: S3Server, path: str, **kwargs: Any) -> None:
     ).raise_for_status()
 
 
-def _key_for_ecs(server: S3Server) -> tuple[str, str]:
-    """A key allowed ECS and EC2 as well as S3: moto checks the policy of
-    every call, and the session's key may only use S3. Three calls go
-    unchecked to make it, then moto checks again."""
-    _moto_api(server, "reset-auth", content=b"3")
-    iam = _client("iam", server.endpoint, server.region, "setup", "setup")
-    user = f"kdcube-ecs-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(
-        UserName=user, PolicyName="ecs", PolicyDocument=json.dumps(_ALL_WE_USE)
-    )
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-    return key["AccessKeyId"], key["SecretAccessKey"]
-
-
 @pytest.fixture(name="aws", scope="module")
 def _aws(s3_server: S3Server) -> Iterator[Aws]:
     if not s3_server.is_moto:
         pytest.skip("the ECS tests need moto, which serves ECS beside S3")
-    access_key, secret_key = _key_for_ecs(s3_server)
+    access_key, secret_key = s3_server.key_allowed(["ecs:*", "ec2:*", "s3:*"])
     ec2 = _client("ec2", s3_server.endpoint, s3_server.region, access_key, secret_key)
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})

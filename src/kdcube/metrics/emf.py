@@ -3,16 +3,8 @@
 On ECS the metrics role's stdout goes to CloudWatch Logs (the awslogs
 driver), which turns each EMF line into metric data points: no API call, no
 credentials, no extra dependency. Every ``interval_s`` one JSON line carries
-the three figures the ECS scaling policies read, with no dimensions:
-
-- ``chat/proc/queue/utilization``: the queue's utilization, averaged over
-  the last minute (the latest reading while the minute holds none);
-- ``chat/proc/queue/wait/p95``: the 95th percentile of queue waits over the
-  last minute, in seconds (0 when no turn waited in it);
-- ``chat/ingress/sse/saturation``: open SSE streams over the ingresses' cap.
-
-Nothing is written while the bus cannot be read: a gap, not a false zero,
-is what an alarm should see then.
+the figures of ``kdcube.metrics.autoscaling``, and nothing is written while
+the bus cannot be read.
 """
 
 from __future__ import annotations
@@ -25,14 +17,10 @@ from typing import Any
 
 import anyio
 
+from kdcube.metrics.autoscaling import autoscaling_figures
 from kdcube.metrics.collector import BusMetrics
 
 __all__ = ["emf_record", "export_forever"]
-
-UTILIZATION = "chat/proc/queue/utilization"
-WAIT_P95 = "chat/proc/queue/wait/p95"
-SATURATION = "chat/ingress/sse/saturation"
-WINDOW = "1m"
 
 
 def emf_record(
@@ -40,24 +28,17 @@ def emf_record(
 ) -> dict[str, Any] | None:
     """One EMF record of ``report`` (``BusMetrics.report()``), or None when
     it holds no reading of the bus."""
-    if not report.get("bus_up"):
+    figures = autoscaling_figures(report)
+    if figures is None:
         return None
-    queue, sse = report["queue"], report["sse"]
-    averaged = queue["utilization_ratio_avg"][WINDOW]
-    values = {
-        UTILIZATION: averaged if averaged is not None else queue["utilization_ratio"],
-        WAIT_P95: queue["wait_p95_seconds"][WINDOW] or 0.0,
-        SATURATION: sse["saturation_ratio"],
-    }
-    units = {UTILIZATION: "None", WAIT_P95: "Seconds", SATURATION: "None"}
     directive = {
         "Namespace": namespace,
         "Dimensions": [[]],
-        "Metrics": [{"Name": name, "Unit": units[name]} for name in values],
+        "Metrics": [{"Name": f.name, "Unit": f.unit} for f in figures],
     }
     return {
         "_aws": {"Timestamp": timestamp_ms, "CloudWatchMetrics": [directive]},
-        **values,
+        **{f.name: f.value for f in figures},
     }
 
 

@@ -27,6 +27,7 @@ from kdcube.config import Settings
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.ingress.heartbeat import beat_streams
 from kdcube.metrics import BusMetrics, MetricsApp
+from kdcube.metrics.cloudwatch import publish_forever
 from kdcube.metrics.emf import export_forever
 from kdcube.proc import Processor, ProcessorOptions
 from kdcube.runtime.dependencies import watch_dependencies
@@ -118,9 +119,23 @@ class Supervisor:
         namespace = self._settings.metrics_cloudwatch_namespace
         if namespace is None:
             return
-        interval_s = self._settings.metrics_export_interval_s
-        watchers.start_soon(export_forever, metrics, namespace, interval_s)
-        log.info("metrics.emf_export", namespace=namespace, interval_s=interval_s)
+        settings = self._settings
+        interval_s = settings.metrics_export_interval_s
+        if settings.metrics_cloudwatch_export == "api":
+            publish = partial(
+                publish_forever,
+                endpoint_url=settings.metrics_cloudwatch_endpoint_url,
+                region=settings.metrics_cloudwatch_region,
+            )
+            watchers.start_soon(publish, metrics, namespace, interval_s)
+        else:
+            watchers.start_soon(export_forever, metrics, namespace, interval_s)
+        log.info(
+            "metrics.cloudwatch_export",
+            how=settings.metrics_cloudwatch_export,
+            namespace=namespace,
+            interval_s=interval_s,
+        )
 
     def _bus_metrics(self, platform: Platform) -> BusMetrics | None:
         if Role.METRICS not in self._roles:
