@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from kdcube.metrics.app import serve_lifespan
+from kdcube.asgi import serve_lifespan
 from kdcube.runtime.http import hypercorn_config, serve_http
 from tests.openai_stub import read_body, respond_json
 

@@ -13,7 +13,7 @@ upstream connection.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,12 +21,8 @@ from typing import Any
 
 import anyio
 
-from kdcube.metrics.app import serve_lifespan
+from kdcube.asgi import Message, Receive, Send, serve_lifespan
 from kdcube.runtime.http import hypercorn_config, serve_http
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 KEEPALIVE = ": keep-alive\n\n"
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}

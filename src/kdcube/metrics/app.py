@@ -11,7 +11,7 @@ to ``fallback`` (the ingress app in ``kdcube run``), or gets 404.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -22,16 +22,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kdcube.asgi import JSON, Asgi, Receive, Scope, Send, serve_lifespan
+from kdcube.asgi import respond as _respond
 from kdcube.metrics.collector import BusMetrics
 from kdcube.runtime.health import Health
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_JSON = "application/json"
+_JSON = JSON
 
 
 def process_registry(bus_metrics: BusMetrics | None) -> CollectorRegistry:
@@ -96,27 +92,3 @@ class MetricsApp:
     async def _ready(self) -> tuple[int, str, bytes]:
         status, body = self._health.readiness()
         return status, _JSON, json.dumps(body).encode()
-
-
-async def _respond(
-    send: Send, status: int, content_type: str, body: bytes, *, head: bool = False
-) -> None:
-    headers = [
-        (b"content-type", content_type.encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-async def serve_lifespan(receive: Receive, send: Send) -> None:
-    """Answer an ASGI server's lifespan messages for an app that needs no
-    start-up or shutdown of its own."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
