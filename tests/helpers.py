@@ -18,6 +18,7 @@ import httpx
 import yaml
 
 from kdcube.config import Settings
+from kdcube.edge.server import edge_options
 from kdcube.runtime.supervisor import Role, Running, Supervisor
 from tests.s3_server import provide_s3_server
 
@@ -156,10 +157,11 @@ def _drop_schema(dsn: str, schema: str) -> None:
 
 @asynccontextmanager
 async def serve(
-    tmp_path: Path, *, keep_data: bool = False, **overrides: Any
+    tmp_path: Path, *, keep_data: bool = False, edge: bool = True, **overrides: Any
 ) -> AsyncIterator[Server]:
-    """Run every role (as ``kdcube run`` does) in this event loop; drain it
-    when the block ends.
+    """Run every role behind the embedded edge (as ``kdcube run`` does) in
+    this event loop; drain it when the block ends. ``edge=False`` serves the
+    roles' app bare.
 
     Its Redis keys and Postgres schema are removed afterwards, unless
     ``keep_data`` (for a test that starts a second server on the same data).
@@ -176,7 +178,11 @@ async def serve(
         },
     )
     supervisor = Supervisor(
-        settings, {Role.INGRESS, Role.PROC, Role.METRICS}, host="127.0.0.1", port=0
+        settings,
+        {Role.INGRESS, Role.PROC, Role.METRICS},
+        host="127.0.0.1",
+        port=0,
+        edge=edge_options(settings, rate_limited=False) if edge else None,
     )
     try:
         async with anyio.create_task_group() as tasks:

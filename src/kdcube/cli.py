@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,6 +16,8 @@ import click
 
 from kdcube.bundles import BundleLoadError, RegistryError, read_registry
 from kdcube.config import ConfigError, Settings, load_settings
+from kdcube.edge import EdgeOptions
+from kdcube.edge.server import edge_options, serve_edge
 from kdcube.logs import configure_logging
 from kdcube.runtime.supervisor import Role, Running, Supervisor, serve_until_stopped
 
@@ -47,7 +50,9 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
         # runs code unasked.
         overrides["exec"] = "local" if shutil.which("bwrap") else "subprocess"
     settings = _settings(**overrides)
-    _start(settings, {Role.INGRESS, Role.PROC, Role.METRICS}, host, port)
+    # One developer on one machine: no per-address limit in front of them.
+    edge = edge_options(settings, rate_limited=False)
+    _start(settings, {Role.INGRESS, Role.PROC, Role.METRICS}, host, port, edge=edge)
 
 
 @main.command()
@@ -57,8 +62,9 @@ def run(host: str, port: int, bundles: Path | None, storage: str | None) -> None
 def serve(role: str, host: str, port: int | None) -> None:
     """One role, configured from the environment, as in a container."""
     settings = _settings()
-    if role not in (Role.INGRESS, Role.PROC, Role.METRICS):
-        _fail(f"the {role} role is not available in this version")
+    if role == "edge":
+        _start_edge(settings, host, port if port is not None else _DEFAULT_PORTS[role])
+        return
     if not settings.distributed:
         _fail(
             f"kdcube serve {role} needs KDCUBE_REDIS_URL and KDCUBE_POSTGRES_DSN so"
@@ -233,16 +239,39 @@ def _settings(**overrides: object) -> Settings:
         _fail(str(exc))
 
 
-def _start(settings: Settings, roles: set[Role], host: str, port: int) -> None:
-    configure_logging()
-    supervisor = Supervisor(settings, roles, host=host, port=port)
+def _start(
+    settings: Settings,
+    roles: set[Role],
+    host: str,
+    port: int,
+    *,
+    edge: EdgeOptions | None = None,
+) -> None:
+    supervisor = Supervisor(settings, roles, host=host, port=port, edge=edge)
 
     async def main_task() -> None:
         async with anyio.create_task_group() as tasks:
             running: Running = await tasks.start(serve_until_stopped, supervisor)
-            click.echo(f"kdcube is ready at {running.urls[0]}", err=False)
-            sys.stdout.flush()
+            _say_ready(running.urls)
 
+    _run_main(settings, main_task)
+
+
+def _start_edge(settings: Settings, host: str, port: int) -> None:
+    async def main_task() -> None:
+        async with anyio.create_task_group() as tasks:
+            _say_ready(await tasks.start(partial(serve_edge, settings, host, port)))
+
+    _run_main(settings, main_task)
+
+
+def _say_ready(urls: list[str]) -> None:
+    click.echo(f"kdcube is ready at {urls[0]}", err=False)
+    sys.stdout.flush()
+
+
+def _run_main(settings: Settings, main_task: Callable[[], Awaitable[None]]) -> None:
+    configure_logging()
     try:
         anyio.run(main_task, backend=settings.async_backend)
     except BaseException as exc:

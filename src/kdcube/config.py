@@ -86,6 +86,28 @@ class Settings(BaseSettings):
     metrics_cloudwatch_region: str | None = None
     metrics_export_interval_s: float = Field(60.0, gt=0)
 
+    ingress_url: str | None = None
+    """Where ``kdcube serve edge`` finds the ingress (``http://host:8010``)."""
+    proc_url: str | None = None
+    metrics_url: str | None = None
+    proxylogin_url: str | None = None
+    """A login proxy the edge sends ``/auth/*`` to (its ``/v1/*``)."""
+    ui_dir: Path | None = None
+    """The web UI's files; by default ``edge/ui`` of a source checkout."""
+    ui_login_url: str | None = None
+    """Where the UI sends a signed-out user under OIDC (default ``/auth/login``
+    with a login proxy)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    http3: bool = False
+    edge_rate_per_s: float = Field(20.0, ge=0)
+    """Requests per second per client IP at the edge; 0 turns the limit off."""
+    edge_rate_burst: int = Field(200, ge=1)
+    edge_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    edge_trusted_hops: int = Field(0, ge=0, le=10)
+    """Proxies in front of the edge (an ALB is 1) whose X-Forwarded-For and
+    X-Forwarded-Proto the edge believes; 0 believes none."""
+
     drain_timeout_s: float = Field(30.0, ge=0)
     proc_concurrency: int = Field(32, ge=1, le=10_000)
     lease_s: float = Field(10.0, gt=0)
@@ -171,6 +193,23 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "missing KDCUBE_OIDC_AUDIENCE: KDCUBE_AUTH=oidc needs the client"
                 " id(s) the tokens are issued for, comma-separated"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_paired(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "set both KDCUBE_TLS_CERT and KDCUBE_TLS_KEY (PEM files), or neither"
+            )
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"invalid KDCUBE_{name.upper()}: no file at {path}")
+        if self.http3 and self.tls_cert is None:
+            raise ConfigError(
+                "KDCUBE_HTTP3=1 needs KDCUBE_TLS_CERT and KDCUBE_TLS_KEY: QUIC is"
+                " always encrypted"
             )
         return self
 

@@ -126,6 +126,13 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         ({"KDCUBE_STORAGE_PATH": "ftp://x"}, ["run"], "KDCUBE_STORAGE_PATH"),
         ({"KDCUBE_ASYNC_BACKEND": "curio"}, ["run"], "KDCUBE_ASYNC_BACKEND"),
         ({}, ["serve", "ingress"], "KDCUBE_REDIS_URL"),
+        ({}, ["serve", "edge"], "KDCUBE_INGRESS_URL"),
+        ({"KDCUBE_TLS_CERT": "/nowhere.pem"}, ["run"], "KDCUBE_TLS_KEY"),
+        (
+            {"KDCUBE_INGRESS_URL": "http://127.0.0.1:1", "KDCUBE_HTTP3": "1"},
+            ["serve", "edge"],
+            "KDCUBE_HTTP3",
+        ),
     ],
 )
 def test_bad_configuration_stops_with_one_line_naming_it(
@@ -181,3 +188,38 @@ async def test_the_cli_applies_the_live_documents(tmp_path: Path) -> None:
     assert bundles[0] == 0 and "bundle registry version 1 applied" in bundles[1]
     assert shown[0] == 0
     assert json.loads(shown[1])["config"]["rate_limits"]["registered"]["burst"] == 7
+
+
+async def test_kdcube_serve_edge_passes_requests_on_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path, edge=False) as roles:
+        process = _cli(
+            "serve",
+            "edge",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            env={
+                "KDCUBE_HOME": str(tmp_path / "edge"),
+                "KDCUBE_INGRESS_URL": roles.url,
+            },
+        )
+        try:
+            url = await _started_url(process)
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                listed = await client.get(
+                    "/api/conversations", headers={"Authorization": "Bearer dev-alice"}
+                )
+                metrics = await client.get("/metrics")
+            process.send_signal(signal.SIGTERM)
+            _, err = await anyio.to_thread.run_sync(process.communicate, None, 30)
+        finally:
+            process.kill()
+
+    assert listed.status_code == 200
+    assert listed.json() == {"conversations": []}
+    # No KDCUBE_METRICS_URL: the edge has nowhere to send /metrics.
+    assert metrics.status_code == 404
+    assert process.returncode == 0, err

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from kdcube.bundles.git import GitBundles
 from kdcube.bundles.live import LoadedBundles
 from kdcube.config import Settings
+from kdcube.edge import EdgeApp, EdgeOptions, Target
 from kdcube.ingress import StreamHub, create_ingress_app
 from kdcube.ingress.heartbeat import beat_streams
 from kdcube.metrics import BusMetrics, MetricsApp
@@ -58,10 +59,20 @@ class Running:
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, roles: set[Role], *, host: str, port: int
+        self,
+        settings: Settings,
+        roles: set[Role],
+        *,
+        host: str,
+        port: int,
+        edge: EdgeOptions | None = None,
     ) -> None:
+        """``edge`` puts the embedded edge in front of the roles (``kdcube
+        run``): the web UI, security headers and limits, with requests handed
+        to the roles in this process directly."""
         self._settings = settings
         self._roles = roles
+        self._edge = edge
         self._host = host
         self._port = port
         self._stop_requested = anyio.Event()
@@ -157,7 +168,11 @@ class Supervisor:
                 backend=sniffio.current_async_library(),
                 chat=Role.INGRESS in self._roles,
             )
-        return MetricsApp(metrics, platform.health, fallback=ingress)
+        roles = MetricsApp(metrics, platform.health, fallback=ingress)
+        if self._edge is None:
+            return roles
+        in_process = {Target.INGRESS: roles, Target.PROC: roles, Target.METRICS: roles}
+        return EdgeApp(self._edge, in_process, health=roles, lifespan=roles)
 
     async def _beat_streams(self, platform: Platform, hub: StreamHub) -> None:
         board = platform.gateway.board
