@@ -9,8 +9,9 @@ ports). ``s3`` stores everything in an S3 server that validates signatures
 
 The first cell runs the whole suite, every adapter's contract tests included;
 the other cells run the end-to-end tests, which are what the backend and the
-storage change. Each session first makes sure clamd is installed
-(``ops/clamd/clamd.sh install``), since the upload tests scan with a real one;
+storage change. Each session first makes sure clamd and nginx are installed
+(``ops/clamd/clamd.sh install``, ``ops/edge/nginx.sh install``), since the
+upload tests scan with a real clamd and the OpenResty config is tested live;
 the first also installs bubblewrap and Docker (``ops/exec/local.sh install``,
 ``ops/exec/docker.sh install``) for the executors' tests, which start their
 own dockerd and build the sandbox image (cached in ``~/.cache/kdcube``).
@@ -33,6 +34,8 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session, backend: str, storage: str) -> None:
     session.install("-e", ".[test]")
     session.run("bash", "ops/clamd/clamd.sh", "install", external=True)
+    # The OpenResty config's end-to-end tests run in every cell.
+    session.run("bash", "ops/edge/nginx.sh", "install", external=True)
     session.env["KDCUBE_TEST_BACKEND"] = backend
     session.env["KDCUBE_TEST_STORAGE"] = storage
     if (backend, storage) == ("embedded", "local"):
