@@ -3,6 +3,7 @@ and alone in front of roles reached over HTTP (``kdcube serve edge``)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from kdcube.config import Settings
 from kdcube.edge.server import EdgeServer
+from tests.h3_client import h3_request
 from tests.helpers import auth, open_stream, prompt_body, serve, storage, submit
 from tests.s3_server import free_port
 
@@ -214,6 +217,9 @@ async def test_the_edge_refuses_a_body_over_its_limit(tmp_path: Path) -> None:
     assert "content-length" not in streamed.request.headers
     assert streamed.status_code == 413
     assert streamed.json()["error"] == "request_entity_too_large"
+    # Cutting the streamed body upstream once raced two writers inside the
+    # roles' Hypercorn and stopped it (kdcube.runtime.hypercorn_patch): the
+    # next request shows the roles still serving.
     # Under the limit the ingress decides: here, about a body that says nothing.
     assert small.status_code == 400
 
@@ -288,3 +294,81 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+@asynccontextmanager
+async def h3_edge(tmp_path: Path) -> AsyncIterator[tuple[Edge, int, Path]]:
+    """An edge serving HTTP/3 in front of the roles: the edge, its QUIC port
+    (from Alt-Svc) and the certificate to trust."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    async with (
+        serve(tmp_path, edge=False) as roles,
+        edge_before(
+            tmp_path, roles.url, tls_cert=cert, tls_key=key, http3=True, verify=context
+        ) as edge,
+    ):
+        health = await edge.client.get("/health")
+        quic_port = int(health.headers["alt-svc"].split('":')[1].split('"')[0])
+        yield edge, quic_port, cert
+
+
+async def test_http3_carries_requests_and_streams_through_the_edge(
+    tmp_path: Path,
+) -> None:
+    async with h3_edge(tmp_path) as (_, port, cert):
+        listed = await h3_request(
+            "127.0.0.1", port, "/api/conversations", cafile=cert, headers=auth("alice")
+        )
+        stream = await h3_request(
+            "127.0.0.1",
+            port,
+            "/sse/stream?stream_id=s1",
+            cafile=cert,
+            headers=auth("alice"),
+            stop_after=len(b"event: ready"),
+        )
+
+    assert listed is not None and listed.status == 200
+    assert json.loads(listed.body) == {"conversations": []}
+    assert stream is not None and stream.status == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert b"ready" in stream.body
+
+
+async def test_the_edge_survives_a_crash_of_its_http3_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The crash seen with Hypercorn 0.18 and aioquic 1.7: a QUIC timer
+    # callback raising TypeError when a failed client's connection has no
+    # close time. It is a race, so it is reproduced here by making the next
+    # timer callback raise just that.
+    crashes_left = [0]
+    original = QuicConnection.handle_timer
+
+    def handle_timer(self: QuicConnection, now: float) -> None:
+        # The test's client runs aioquic too; only the server side crashes.
+        if crashes_left[0] and not self.configuration.is_client:
+            crashes_left[0] -= 1
+            raise TypeError("'>=' not supported between 'float' and 'NoneType'")
+        original(self, now)
+
+    async with h3_edge(tmp_path) as (edge, port, cert):
+        monkeypatch.setattr(QuicConnection, "handle_timer", handle_timer)
+        crashes_left[0] = 1
+        # The request in flight when the server dies may be lost with it.
+        with contextlib.suppress(TimeoutError):
+            await h3_request(
+                "127.0.0.1", port, "/health", cafile=cert, fail_midway=True, timeout_s=2
+            )
+        with anyio.fail_after(10):
+            while edge.server.http3.restarts == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        over_tcp = await edge.client.get("/api/conversations", headers=auth("alice"))
+        over_quic = await h3_request(
+            "127.0.0.1", port, "/api/conversations", cafile=cert, headers=auth("alice")
+        )
+
+    assert edge.server.http3.restarts == 1
+    assert over_tcp.status_code == 200
+    assert over_quic is not None and over_quic.status == 200

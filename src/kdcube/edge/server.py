@@ -17,12 +17,13 @@ import anyio
 import httpx
 import structlog
 from anyio.abc import TaskStatus
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.middleware import ProxyFixMiddleware
 
 from kdcube.asgi import Asgi
 from kdcube.config import ConfigError, Settings
 from kdcube.edge.app import EdgeApp, EdgeOptions
+from kdcube.edge.http3 import Http3Supervisor
 from kdcube.edge.proxy import HttpUpstream, upstream_client
 from kdcube.edge.routes import Target
 from kdcube.edge.static import default_ui_dir
@@ -88,6 +89,7 @@ class EdgeServer:
         self._urls = _upstream_urls(settings)
         self._stopping = anyio.Event()
         self._root: anyio.CancelScope | None = None
+        self.http3 = Http3Supervisor()
 
     def request_stop(self) -> None:
         if self._stopping.is_set() and self._root is not None:
@@ -103,7 +105,7 @@ class EdgeServer:
             async with upstream_client() as client:
                 app = self._app(client)
                 config = edge_config(self._settings, self._host, self._port)
-                await _serve(app, config, self._stopping, task_status)
+                await _serve(app, config, self._stopping, self.http3, task_status)
 
     def _app(self, client: httpx.AsyncClient) -> Any:
         upstreams: dict[Target, Asgi] = {}
@@ -125,14 +127,24 @@ async def _serve(
     app: Any,
     config: Config,
     stopping: anyio.Event,
+    http3: Http3Supervisor,
     task_status: TaskStatus[list[str]],
 ) -> None:
-    """Serve until ``stopping`` is set and Hypercorn has closed gracefully."""
+    """Serve until ``stopping`` is set and Hypercorn has closed gracefully.
+
+    TCP (HTTP/1.1, HTTP/2) and QUIC (HTTP/3) run as separate Hypercorn
+    workers on sockets bound once, so a crash of the QUIC side, which takes
+    its whole worker down, leaves TCP serving while QUIC restarts.
+    """
+    sockets = config.create_sockets()
+    tcp = Sockets(sockets.secure_sockets, sockets.insecure_sockets, [])
     async with anyio.create_task_group() as server:
         listening: list[str] = await server.start(
-            partial(serve_http, app, config, shutdown=stopping)
+            partial(serve_http, app, config, shutdown=stopping, sockets=tcp)
         )
-        log.info("edge.ready", urls=listening)
+        for udp in sockets.quic_sockets:
+            await server.start(http3.serve, app, config, udp, stopping)
+        log.info("edge.ready", urls=listening, http3=bool(sockets.quic_sockets))
         task_status.started(listening)
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import sniffio
 from anyio.abc import TaskStatus
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
+
+from kdcube.runtime.hypercorn_patch import guard_tcp_send
+
+guard_tcp_send()
 
 _GRACEFUL_S = 5.0
 
@@ -31,20 +36,39 @@ async def serve_http(
     config: Config,
     *,
     shutdown: anyio.Event,
+    sockets: Sockets | None = None,
     task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, report the URLs as started, serve until ``shutdown`` is set.
 
     The sockets are bound here, before serving, so that port 0 resolves to a
-    real port that can be reported.
+    real port that can be reported; a caller that needs them earlier (to
+    serve some of them apart) binds them itself and passes ``sockets``.
     """
-    sockets = config.create_sockets()
+    if sockets is None:
+        sockets = config.create_sockets()
     for sock in sockets.insecure_sockets + sockets.secure_sockets:
         sock.listen(config.backlog)
     urls = [_url(sock, secure=False) for sock in sockets.insecure_sockets]
     urls += [_url(sock, secure=True) for sock in sockets.secure_sockets]
-    wrapped = wrap_app(app, config.wsgi_max_body_size, None)
+    await run_worker(
+        wrap_app(app, config.wsgi_max_body_size, None),
+        config,
+        sockets,
+        shutdown,
+        on_listening=lambda: task_status.started(urls),
+    )
 
+
+async def run_worker(
+    wrapped: Any,
+    config: Config,
+    sockets: Sockets,
+    shutdown: anyio.Event,
+    *,
+    on_listening: Callable[[], None] = lambda: None,
+) -> None:
+    """One Hypercorn worker on already bound sockets, on this event loop."""
     if sniffio.current_async_library() == "trio":
         from hypercorn.trio.run import worker_serve as trio_serve
 
@@ -53,12 +77,12 @@ async def serve_http(
             config,
             sockets=sockets,
             shutdown_trigger=shutdown.wait,
-            task_status=_Relay(task_status, urls),
+            task_status=_Relay(on_listening),
         )
     else:
         from hypercorn.asyncio.run import worker_serve as asyncio_serve
 
-        task_status.started(urls)
+        on_listening()
         await asyncio_serve(
             wrapped, config, sockets=sockets, shutdown_trigger=shutdown.wait
         )
@@ -67,12 +91,11 @@ async def serve_http(
 class _Relay:
     """Hypercorn reports its binds; we report URLs with the real port."""
 
-    def __init__(self, status: TaskStatus[list[str]], urls: list[str]) -> None:
-        self._status = status
-        self._urls = urls
+    def __init__(self, on_listening: Callable[[], None]) -> None:
+        self._on_listening = on_listening
 
     def started(self, _binds: object = None) -> None:
-        self._status.started(self._urls)
+        self._on_listening()
 
 
 def _url(sock: Any, *, secure: bool) -> str:
