@@ -12,8 +12,9 @@ the other cells run the end-to-end tests, which are what the backend and the
 storage change. Each session first makes sure clamd and nginx are installed
 (``ops/clamd/clamd.sh install``, ``ops/edge/nginx.sh install``), since the
 upload tests scan with a real clamd and the OpenResty config is tested live;
-the first also installs bubblewrap and Docker (``ops/exec/local.sh install``,
-``ops/exec/docker.sh install``) for the executors' tests, which start their
+the first also installs bubblewrap, Docker and Chromium (``ops/exec/local.sh
+install``, ``ops/exec/docker.sh install``, ``ops/ui/chromium.sh install``) for
+the executors' and the web UI's tests, which start their
 own dockerd and build the sandbox image (cached in ``~/.cache/kdcube``).
 """
 
@@ -42,6 +43,8 @@ def tests(session: nox.Session, backend: str, storage: str) -> None:
         # The executors' own tests run sandboxes and containers for real.
         session.run("bash", "ops/exec/local.sh", "install", external=True)
         session.run("bash", "ops/exec/docker.sh", "install", external=True)
+        # The web UI's tests drive Debian's Chromium through Playwright.
+        session.run("bash", "ops/ui/chromium.sh", "install", external=True)
         session.run("pytest", *session.posargs)
     else:
         session.run("pytest", "tests/e2e", *session.posargs)
