@@ -23,9 +23,14 @@ _INDEX = "index.html"
 
 
 def default_ui_dir() -> Path | None:
-    """``edge/ui`` of a source checkout (an editable install), if there is one."""
-    candidate = Path(__file__).resolve().parents[3] / "edge" / "ui"
-    return candidate if (candidate / _INDEX).is_file() else None
+    """The web UI shipped with kdcube: inside the installed package (a wheel
+    carries ``edge/ui`` as ``kdcube/ui``), else ``edge/ui`` of the source
+    checkout an editable install runs from."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "ui", package.parents[1] / "edge" / "ui"):
+        if (candidate / _INDEX).is_file():
+            return candidate
+    return None
 
 
 class StaticFiles:
