@@ -27,6 +27,7 @@ from kdcube.config import Settings
 from kdcube.edge.server import EdgeServer
 from tests.h3_client import h3_request
 from tests.helpers import auth, open_stream, prompt_body, serve, storage, submit
+from tests.mirror import mirror
 from tests.s3_server import free_port
 
 pytestmark = pytest.mark.anyio
@@ -57,11 +58,13 @@ async def edge_before(
 ) -> AsyncIterator[Edge]:
     """``kdcube serve edge`` in this event loop, every role at ``roles_url``."""
     settings = Settings(
-        home=tmp_path / "edge-home",
-        ingress_url=roles_url,
-        proc_url=roles_url,
-        metrics_url=roles_url,
-        **overrides,
+        **{
+            "home": tmp_path / "edge-home",
+            "ingress_url": roles_url,
+            "proc_url": roles_url,
+            "metrics_url": roles_url,
+            **overrides,
+        }
     )
     edge = EdgeServer(settings, "127.0.0.1", 0)
     async with anyio.create_task_group() as tasks:
@@ -372,3 +375,35 @@ async def test_the_edge_survives_a_crash_of_its_http3_server(
     assert edge.server.http3.restarts == 1
     assert over_tcp.status_code == 200
     assert over_quic is not None and over_quic.status == 200
+
+
+async def test_integrations_and_login_paths_reach_their_upstreams_as_sent(
+    tmp_path: Path,
+) -> None:
+    async with (
+        mirror() as proc,
+        mirror() as login,
+        serve(tmp_path, edge=False) as roles,
+        edge_before(
+            tmp_path,
+            roles.url,
+            proc_url=f"http://{proc}",
+            proxylogin_url=f"http://{login}",
+        ) as edge,
+    ):
+        integration = await edge.client.get(
+            "/api/integrations/tool?x=1",
+            headers={"X-Request-Id": "req-42", "X-Forwarded-For": "6.6.6.6"},
+        )
+        signing_in = await edge.client.get("/auth/login?next=/")
+        config = await edge.client.get("/config.json")
+
+    seen = integration.json()
+    assert seen["target"] == "/api/integrations/tool?x=1"
+    assert seen["headers"]["x-request-id"] == "req-42"
+    # A client cannot pass itself off as another address.
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["headers"]["x-forwarded-proto"] == "http"
+    assert seen["headers"]["x-forwarded-host"] == edge.url.removeprefix("http://")
+    assert signing_in.json()["target"] == "/v1/login?next=/"
+    assert config.json() == {"auth": "dev", "login_url": "/auth/login"}
