@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from kdcube.config import Settings
 from kdcube.edge.server import EdgeServer
 from tests.h3_client import h3_request
-from tests.helpers import auth, open_stream, prompt_body, serve, storage, submit
+from tests.helpers import Server, auth, open_stream, prompt_body, serve, storage, submit
 from tests.mirror import mirror
 from tests.s3_server import free_port
 
@@ -300,9 +300,9 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 @asynccontextmanager
-async def h3_edge(tmp_path: Path) -> AsyncIterator[tuple[Edge, int, Path]]:
+async def h3_edge(tmp_path: Path) -> AsyncIterator[tuple[Edge, int, Path, Server]]:
     """An edge serving HTTP/3 in front of the roles: the edge, its QUIC port
-    (from Alt-Svc) and the certificate to trust."""
+    (from Alt-Svc), the certificate to trust and the roles' server."""
     cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
     async with (
@@ -313,13 +313,13 @@ async def h3_edge(tmp_path: Path) -> AsyncIterator[tuple[Edge, int, Path]]:
     ):
         health = await edge.client.get("/health")
         quic_port = int(health.headers["alt-svc"].split('":')[1].split('"')[0])
-        yield edge, quic_port, cert
+        yield edge, quic_port, cert, roles
 
 
 async def test_http3_carries_requests_and_streams_through_the_edge(
     tmp_path: Path,
 ) -> None:
-    async with h3_edge(tmp_path) as (_, port, cert):
+    async with h3_edge(tmp_path) as (_, port, cert, _roles):
         listed = await h3_request(
             "127.0.0.1", port, "/api/conversations", cafile=cert, headers=auth("alice")
         )
@@ -339,6 +339,29 @@ async def test_http3_carries_requests_and_streams_through_the_edge(
     assert b"ready" in stream.body
 
 
+async def test_a_client_closing_its_quic_connection_closes_its_stream(
+    tmp_path: Path,
+) -> None:
+    async with h3_edge(tmp_path) as (_, port, cert, roles):
+        # The client leaves by closing the whole QUIC connection, not by
+        # resetting the stream (kdcube.runtime.hypercorn_patch).
+        opened = await h3_request(
+            "127.0.0.1",
+            port,
+            "/sse/stream?stream_id=s1",
+            cafile=cert,
+            headers=auth("alice"),
+            stop_after=len(b"event: ready"),
+        )
+        hub = roles.running.hub
+        with anyio.fail_after(3):
+            # The hub counts streams; it has no event for "none left".
+            while hub.connections:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+
+    assert opened is not None and opened.status == 200
+
+
 async def test_the_edge_survives_a_crash_of_its_http3_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -356,7 +379,7 @@ async def test_the_edge_survives_a_crash_of_its_http3_server(
             raise TypeError("'>=' not supported between 'float' and 'NoneType'")
         original(self, now)
 
-    async with h3_edge(tmp_path) as (edge, port, cert):
+    async with h3_edge(tmp_path) as (edge, port, cert, _roles):
         monkeypatch.setattr(QuicConnection, "handle_timer", handle_timer)
         crashes_left[0] = 1
         # The request in flight when the server dies may be lost with it.

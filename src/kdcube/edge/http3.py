@@ -12,11 +12,11 @@ server are lost; their clients reconnect, over QUIC or TCP.
 On asyncio, Hypercorn serves QUIC from a datagram protocol whose callback
 errors the event loop logs and survives, so there the worker runs as is.
 
-Known shortcomings: a client that closes its QUIC connection mid-stream is
-not told to the app (Hypercorn cancels a handler only on a stream reset), so
-a stream passed through for it runs until the role ends it or the next
-keepalive fails upstream; and this leans on Hypercorn's internal UDPServer
-and WorkerContext on Trio, which a Hypercorn upgrade may move.
+A client that closes its whole QUIC connection mid-stream is told to the app
+only through a guard in ``kdcube.runtime.hypercorn_patch``.
+
+Known shortcoming: this leans on Hypercorn's internal UDPServer and
+WorkerContext on Trio, which a Hypercorn upgrade may move.
 """
 
 from __future__ import annotations
