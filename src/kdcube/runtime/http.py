@@ -11,9 +11,10 @@ from anyio.abc import TaskStatus
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
 
-from kdcube.runtime.hypercorn_patch import guard_tcp_send
+from kdcube.runtime.hypercorn_patch import guard_h3_close, guard_tcp_send
 
 guard_tcp_send()
+guard_h3_close()
 
 _GRACEFUL_S = 5.0
 
