@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 LOADGEN_SRC = BENCH / "loadgen"
 LOADGEN_BIN = BENCH / ".build" / "loadgen"
+# The gateway's per-user burst (160 turns a minute for a registered user)
+# refuses the turns group within seconds, and its cap of 200 open streams per
+# ingress (which stays on with the gateway off) refuses most of 500 streams.
+# The benchmarks measure the runtime, not those quotas, so servers they start
+# run without them unless --server-env KDCUBE_GATEWAY_CONFIG=... says otherwise.
+GATEWAY_OFF = BENCH / ".build" / "gateway-off.yaml"
 ECHO_BUNDLE = ROOT / "bundles" / "echo"
 DEFAULT_KDCUBE = ROOT / ".venv" / "bin" / "kdcube"
 
@@ -283,7 +290,17 @@ class LoadgenRun:
     peak_rss_kb: int = 0
 
 
-def run_loadgen(args: list[str], server_pid: int | None, timeout: float) -> LoadgenRun:
+# Called with "start" and then each phase loadgen announces, at the moment the
+# server is sampled, so a caller can sample other processes over the same window.
+PhaseHook = Callable[[str], None]
+
+
+def run_loadgen(
+    args: list[str],
+    server_pid: int | None,
+    timeout: float,
+    on_phase: PhaseHook | None = None,
+) -> LoadgenRun:
     """Run loadgen, sampling the server at each phase line it prints on stderr."""
     sample = (lambda: sample_tree(server_pid)) if server_pid else None
     samples: dict[str, Sample] = {}
@@ -299,7 +316,9 @@ def run_loadgen(args: list[str], server_pid: int | None, timeout: float) -> Load
         with PeakSampler(server_pid) if server_pid else _nothing() as peak:
             if sample:
                 samples["start"] = sample()
-            _follow_phases(proc, sample, samples)
+            if on_phase:
+                on_phase("start")
+            _follow_phases(proc, sample, samples, on_phase)
             code = proc.wait()
         killer.cancel()
         if code != 0:
@@ -320,7 +339,10 @@ class _nothing:
 
 
 def _follow_phases(
-    proc: subprocess.Popen[str], sample: Any, samples: dict[str, Sample]
+    proc: subprocess.Popen[str],
+    sample: Any,
+    samples: dict[str, Sample],
+    on_phase: PhaseHook | None = None,
 ) -> None:
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -333,6 +355,8 @@ def _follow_phases(
 
         if sample:
             samples[name] = sample()
+        if on_phase:
+            on_phase(name)
 
 
 # --- scenarios -----------------------------------------------------------------
@@ -352,7 +376,11 @@ def per_item(total: float | None, items: int) -> float | None:
 
 
 def turns_scenario(
-    opts: argparse.Namespace, url: str, pid: int | None, users: int
+    opts: argparse.Namespace,
+    url: str,
+    pid: int | None,
+    users: int,
+    on_phase: PhaseHook | None = None,
 ) -> dict[str, Any]:
     log(f"turns: C={users} for {opts.turn_duration} s")
     args = [
@@ -360,7 +388,7 @@ def turns_scenario(
         *("-duration", f"{opts.turn_duration}s"),
         *("-warmup-turns", str(opts.warmup_turns), "-turn-timeout", "30s"),
     ]
-    run = run_loadgen(args, pid, opts.turn_duration + 120)
+    run = run_loadgen(args, pid, opts.turn_duration + 120, on_phase)
     r = run.result
     server_cpu = cpu_ms_between(run, "measure_start", "measure_end")
     end = run.samples.get("measure_end")
@@ -379,7 +407,11 @@ def turns_scenario(
 
 
 def streams_scenario(
-    opts: argparse.Namespace, url: str, pid: int | None, streams: int
+    opts: argparse.Namespace,
+    url: str,
+    pid: int | None,
+    streams: int,
+    on_phase: PhaseHook | None = None,
 ) -> dict[str, Any]:
     log(f"streams: N={streams} x {opts.stream_chunks} chunks, {opts.stream_delay} s")
     args = [
@@ -387,7 +419,7 @@ def streams_scenario(
         *("-expect-deltas", str(opts.stream_chunks), "-turn-timeout", "60s"),
         *("-connect-concurrency", str(opts.connect_concurrency)),
     ]
-    run = run_loadgen(args, pid, 180)
+    run = run_loadgen(args, pid, 180, on_phase)
     r = run.result
     server_cpu = cpu_ms_between(run, "measure_start", "measure_end")
     return {
@@ -405,7 +437,11 @@ def streams_scenario(
 
 
 def idle_scenario(
-    opts: argparse.Namespace, url: str, pid: int | None, streams: int
+    opts: argparse.Namespace,
+    url: str,
+    pid: int | None,
+    streams: int,
+    on_phase: PhaseHook | None = None,
 ) -> dict[str, Any]:
     log(f"idle: N={streams}, hold {opts.idle_hold} s")
     args = [
@@ -413,7 +449,7 @@ def idle_scenario(
         *("-hold", f"{opts.idle_hold}s"),
         *("-connect-concurrency", str(opts.connect_concurrency)),
     ]
-    run = run_loadgen(args, pid, opts.idle_hold + 240)
+    run = run_loadgen(args, pid, opts.idle_hold + 240, on_phase)
     # Let the server notice the disconnects and free what it will free.
     time.sleep(opts.settle)
     after = sample_tree(pid) if pid else None
@@ -672,6 +708,15 @@ def groups(opts: argparse.Namespace) -> list[Group]:
     return [g for g in all_groups if g.name in wanted]
 
 
+def gateway_off() -> Path:
+    """The gateway config without quotas (see GATEWAY_OFF), written once."""
+    GATEWAY_OFF.parent.mkdir(parents=True, exist_ok=True)
+    GATEWAY_OFF.write_text(
+        "enabled: false\nlimits: {max_sse_connections_per_instance: 100000}\n"
+    )
+    return GATEWAY_OFF
+
+
 SCENARIOS = {
     "turns": turns_scenario,
     "streams": streams_scenario,
@@ -683,7 +728,7 @@ def run_group(group: Group, opts: argparse.Namespace) -> list[dict[str, Any]]:
     if opts.url:
         return _run_counts(group, opts, opts.url, opts.server_pid)
 
-    env = dict(opts.server_env)
+    env = {"KDCUBE_GATEWAY_CONFIG": str(gateway_off()), **dict(opts.server_env)}
     server = Server(shlex.split(opts.kdcube), group.chunks, group.delay_s, env)
     idle_sample = None
     try:

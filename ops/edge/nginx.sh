@@ -24,11 +24,13 @@
 #   KDCUBE_EDGE_USER: the user (and group) of the worker processes when nginx
 #     starts as root; unset, nginx's own default (nobody).
 #   KDCUBE_EDGE_WORKERS [auto]: worker processes.
+#   KDCUBE_EDGE_CHAT_RATE [10r/s]: POST /sse/chat per client address (burst
+#     20), as nginx's rate (N r/s or N r/m); off: no limit (load tests).
 #   NGINX: the nginx binary [nginx, else openresty, on PATH or in sbin].
 set -euo pipefail
 
 usage() {
-  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -94,7 +96,8 @@ fill() {
   local names='${KDCUBE_INGRESS_ADDR} ${KDCUBE_PROC_ADDR} ${KDCUBE_METRICS_ADDR}
     ${KDCUBE_EDGE_LISTEN} ${KDCUBE_UI_DIR} ${KDCUBE_TLS_CERT} ${KDCUBE_TLS_KEY}
     ${KDCUBE_PROXYLOGIN_ADDR} ${KDCUBE_EDGE_DIR} ${KDCUBE_EDGE_MAIN}
-    ${KDCUBE_EDGE_LISTEN_TLS} ${KDCUBE_EDGE_CONFIG_JSON}'
+    ${KDCUBE_EDGE_LISTEN_TLS} ${KDCUBE_EDGE_CONFIG_JSON}
+    ${KDCUBE_EDGE_CHAT_RATE} ${KDCUBE_EDGE_CHAT_LIMIT}'
   envsubst "$names" <"$TEMPLATES/$template" >"$out"
 }
 
@@ -157,6 +160,20 @@ render() {
 
   export KDCUBE_EDGE_CONFIG_JSON
   KDCUBE_EDGE_CONFIG_JSON=$(config_json)
+
+  # One address sends all of a load generator's requests, which the chat
+  # limit would refuse; off drops the directive and leaves the zone unused.
+  local chat_rate=${KDCUBE_EDGE_CHAT_RATE:-10r/s}
+  export KDCUBE_EDGE_CHAT_RATE=$chat_rate KDCUBE_EDGE_CHAT_LIMIT
+  if [ "$chat_rate" = off ]; then
+    KDCUBE_EDGE_CHAT_RATE=10r/s
+    KDCUBE_EDGE_CHAT_LIMIT="# no rate limit: rendered with KDCUBE_EDGE_CHAT_RATE=off"
+  elif [[ $chat_rate =~ ^[1-9][0-9]*r/[sm]$ ]]; then
+    KDCUBE_EDGE_CHAT_LIMIT="limit_req zone=kdcube_chat burst=20 nodelay;"
+  else
+    echo "KDCUBE_EDGE_CHAT_RATE=$chat_rate is not N r/s, N r/m (such as 10r/s) or off" >&2
+    exit 2
+  fi
 
   mkdir -p "$dir"
   export KDCUBE_EDGE_DIR
