@@ -3,6 +3,7 @@ from ``/metrics`` (and ``/metrics.json``) as Prometheus would."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -309,14 +310,18 @@ async def test_the_autoscaling_figures_reach_cloudwatch_through_put_metric_data(
     if not s3_server.is_moto:
         pytest.skip("needs moto, which serves CloudWatch beside S3")
     # AWS names the action cloudwatch:PutMetricData; moto names it after the
-    # endpoint. The key may do nothing else, reading included.
+    # endpoint. The key may read no metrics. In the s3 cell serve() points
+    # this process's AWS chain at the test server's key for storage, so the
+    # publisher's key is that key here, and may use S3 as well.
     access_key, secret_key = s3_server.key_allowed(
-        ["cloudwatch:PutMetricData", "monitoring:PutMetricData"]
+        ["s3:*", "cloudwatch:PutMetricData", "monitoring:PutMetricData"]
     )
-    for name, setting in s3_server.env().items():
+    publisher = dataclasses.replace(
+        s3_server, access_key=access_key, secret_key=secret_key
+    )
+    monkeypatch.setattr("tests.helpers.provide_s3_server", lambda: publisher)
+    for name, setting in publisher.env().items():
         monkeypatch.setenv(name, setting)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
     namespace = f"kdcube-{tmp_path.name}"
     cloudwatch = _client(
         "cloudwatch",
