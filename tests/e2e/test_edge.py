@@ -4,8 +4,6 @@ and alone in front of roles reached over HTTP (``kdcube serve edge``)."""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -18,13 +16,10 @@ import anyio
 import httpx
 import pytest
 from aioquic.quic.connection import QuicConnection
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from kdcube.config import Settings
 from kdcube.edge.server import EdgeServer
+from tests.certs import self_signed
 from tests.h3_client import h3_request
 from tests.helpers import Server, auth, open_stream, prompt_body, serve, storage, submit
 from tests.mirror import mirror
@@ -265,38 +260,6 @@ async def chunks(piece: bytes, count: int) -> AsyncIterator[bytes]:
     """A body sent chunked, with no length declared up front."""
     for _ in range(count):
         yield piece
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @asynccontextmanager

@@ -14,7 +14,6 @@ under CI (``CI`` set), where that is an error.
 
 from __future__ import annotations
 
-import datetime
 import grp
 import json
 import os
@@ -31,11 +30,8 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.certs import self_signed
 from tests.helpers import REPO, Server, auth, open_stream, prompt_body, serve, submit
 from tests.mirror import mirror
 from tests.servers import free_port
@@ -106,56 +102,26 @@ def edge_environment(ui: Path, **settings: str) -> dict[str, str]:
 def render(
     out: Path, environment: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPT), "render", str(out)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return _script("render", out, environment)
 
 
 def check_config(
     out: Path, environment: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
+    return _script("test", out, environment)
+
+
+def _script(
+    command: str, out: Path, environment: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(SCRIPT), "test", str(out)],
+        ["bash", str(SCRIPT), command, str(out)],
         env=environment,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 # ---------------------------------------------------------------- the config

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -61,7 +61,6 @@ class EdgeOptions:
     rate_burst: int = 100
     max_body_bytes: int = 32 * 1024 * 1024
     """The largest request body; uploads are the big ones (25 MB a message)."""
-    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class EdgeApp:
@@ -151,27 +150,16 @@ class EdgeApp:
     ) -> None:
         if target is Target.EDGE:
             await self._answer_here(scope, receive, send)
-        elif target is Target.UI:
-            if self._static is None:
-                await respond(
-                    send,
-                    404,
-                    JSON,
-                    error_body("not_found", "nothing is served at this path"),
-                )
-            else:
-                await self._static(scope, send)
+            return
+        if target is Target.UI and self._static is not None:
+            await self._static(scope, send)
+            return
+        upstream = self._upstreams.get(target)
+        if upstream is None:
+            not_found = error_body("not_found", "nothing is served at this path")
+            await respond(send, 404, JSON, not_found)
         else:
-            upstream = self._upstreams.get(target)
-            if upstream is None:
-                await respond(
-                    send,
-                    404,
-                    JSON,
-                    error_body("not_found", "nothing is served at this path"),
-                )
-            else:
-                await upstream(scope, receive, send)
+            await upstream(scope, receive, send)
 
     async def _answer_here(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -185,7 +173,7 @@ class EdgeApp:
             await respond(send, 200, JSON, b'{"status":"ok"}')
 
     def _with_headers(self, send: Send, scope: Scope, target: Target) -> Send:
-        extra = [*_SECURITY_HEADERS, *self._options.extra_headers]
+        extra = list(_SECURITY_HEADERS)
         if scope.get("scheme") == "https":
             extra.append(_HSTS)
         if target is Target.UI:
