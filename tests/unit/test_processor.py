@@ -74,20 +74,22 @@ class Rig:
         ]
 
     async def ending(self, turn_id: str) -> dict[str, object]:
-        """The turn's terminal event, waited for on the relay."""
+        """The turn's terminal event, waited for on the relay for at most a
+        simulated day (the autojump clock gets there fast when none comes)."""
         cursor = "0-0"
-        while True:
-            read = await self.bus.relay.read(
-                "s1", cursor, stream_id="x", timeout_s=3600
-            )
-            cursor = read.cursor
-            for event in read.events:
-                body = json.loads(event.data_json)
-                if event.route in ("chat_complete", "chat_error") and (
-                    body["conversation"]["turn_id"] == turn_id
-                ):
-                    data: dict[str, object] = body["data"]
-                    return data
+        with anyio.fail_after(86400):
+            while True:
+                read = await self.bus.relay.read(
+                    "s1", cursor, stream_id="x", timeout_s=3600
+                )
+                cursor = read.cursor
+                for event in read.events:
+                    body = json.loads(event.data_json)
+                    if event.route in ("chat_complete", "chat_error") and (
+                        body["conversation"]["turn_id"] == turn_id
+                    ):
+                        data: dict[str, object] = body["data"]
+                        return data
 
 
 @asynccontextmanager
@@ -224,23 +226,26 @@ async def _rerun_safe_echo(ctx: TurnContext) -> str:
     return ctx.prompt
 
 
-async def _crash_while_running(r: Rig, *, turn_id: str) -> None:
-    """Play a processor that claimed and started a turn, then died."""
+async def _crash_while_running(
+    r: Rig, *, turn_id: str, marked_in_queue: bool = True
+) -> None:
+    """Play a processor that claimed and started a turn, then died (before
+    it could mark the turn started in the queue, unless ``marked_in_queue``)."""
     await r.submit(turn_id)
     claim = await r.bus.queue.claim("dead-processor", lease_s=1.0)
     await r.store.start_turn(turn_id)
-    await r.bus.queue.mark_started(claim)
+    if marked_in_queue:
+        await r.bus.queue.mark_started(claim)
 
 
+@pytest.mark.parametrize("marked_in_queue", [True, False])
 @pytest.mark.parametrize(("rerun_safe", "expected"), [(True, "hi"), (False, None)])
 async def test_a_turn_whose_processor_died_reruns_once_only_if_safe(
-    tmp_path: Path, rerun_safe: bool, expected: str | None
+    tmp_path: Path, rerun_safe: bool, expected: str | None, marked_in_queue: bool
 ) -> None:
+    crash = partial(_crash_while_running, turn_id="t1", marked_in_queue=marked_in_queue)
     async with rig(
-        tmp_path,
-        _rerun_safe_echo,
-        rerun_safe=rerun_safe,
-        before_start=partial(_crash_while_running, turn_id="t1"),
+        tmp_path, _rerun_safe_echo, rerun_safe=rerun_safe, before_start=crash
     ) as r:
         ending = await r.ending("t1")
         routes = await r.routes("t1")

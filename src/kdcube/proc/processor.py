@@ -282,6 +282,10 @@ class Processor:
                 turn.leave_to_lease = True
                 ending = None
             except Exception as exc:
+                # A Redis outage while the turn is being started lands here
+                # too: the turn fails as an internal error rather than
+                # waiting for the bus to come back, even when its bundle
+                # never ran.
                 log.error("turn.crashed", turn_id=job.turn_id, exc_info=exc)
                 ending = Ending.failed(
                     "internal_error", "The server failed to run this turn."
@@ -297,7 +301,7 @@ class Processor:
                     "turn.finished",
                     turn_id=job.turn_id,
                     bundle_id=job.bundle_id,
-                    outcome=ending.state.value if ending else "skipped",
+                    outcome=ending.state.value if ending else "deferred",
                     reason=turn.reason,
                     duration_ms=round(duration_s * 1000, 1),
                 )
@@ -313,25 +317,27 @@ class Processor:
         self._turn_ended.set()
         self._turn_ended = anyio.Event()
 
-    async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending | None:
-        """Run the turn; None means it had already ended elsewhere."""
+    async def _execute(self, turn: _RunningTurn, emitter: TurnEmitter) -> Ending:
+        """Run the turn to its ending."""
         claim, job = turn.claim, turn.claim.job
         bundle = await self._bundle_for(job)
         if claim.started:
-            turn.began = True
-            earlier = await self._store.turn_outcome(job.turn_id)
-            if earlier is not None:
-                # It ended before its processor died: announce that ending.
-                return Ending.from_outcome(earlier)
-            if not await self._announce_rerun(job.turn_id, bundle, emitter):
-                return Ending.interrupted("worker_lost_after_start")
+            taken_over = True
         elif await self._bus.queue.cancel_requested(claim):
             return Ending.cancelled()
-        elif not await self._store.start_turn(job.turn_id):
-            return None
+        else:
+            # A turn the store no longer holds as queued either ended
+            # elsewhere, or was started by a processor that died before it
+            # could mark the queue: both are a takeover.
+            taken_over = not await self._store.start_turn(job.turn_id)
+
+        turn.began = True
+        if taken_over:
+            settled = await self._take_over(job, bundle, emitter)
+            if settled is not None:
+                return settled
         else:
             await self._bus.queue.mark_started(claim)
-            turn.began = True
             if not job.announced:
                 await emitter.status("in_progress")
 
@@ -363,6 +369,19 @@ class Processor:
         with anyio.move_on_after(_RELOAD_WAIT_S):
             await self._bundles.wait_loaded(registry.version)
         return self._bundles.get(job.bundle_id)
+
+    async def _take_over(
+        self, job: TurnJob, bundle: LoadedBundle | None, emitter: TurnEmitter
+    ) -> Ending | None:
+        """The ending of a turn another processor started; None when it is
+        to be run again here."""
+        earlier = await self._store.turn_outcome(job.turn_id)
+        if earlier is not None:
+            # It ended before its processor died: announce that ending.
+            return Ending.from_outcome(earlier)
+        if not await self._announce_rerun(job.turn_id, bundle, emitter):
+            return Ending.interrupted("worker_lost_after_start")
+        return None
 
     @staticmethod
     async def _announce_rerun(
