@@ -4,25 +4,18 @@ received (target and headers, as JSON), to check what a proxy sends on."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
-import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.loopback import tcp_peer
 
-@asynccontextmanager
-async def mirror() -> AsyncIterator[str]:
+
+def mirror() -> AbstractAsyncContextManager[str]:
     """An upstream that answers every request with its own path and headers,
     as JSON; yields its host:port."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = listener.extra(SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tasks:
-        tasks.start_soon(listener.serve, _mirror_one)
-        yield f"127.0.0.1:{port}"
-        tasks.cancel_scope.cancel()
+    return tcp_peer(_mirror_one)
 
 
 async def _mirror_one(stream: anyio.abc.SocketStream) -> None:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, write_bundles
+from tests.needs import missing
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize
@@ -50,12 +51,6 @@ DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        raise pytest.UsageError(f"{reason}; CI must provide it")
-    pytest.skip(reason)
-
-
 # Package scope, not session: Playwright's sync API keeps an asyncio loop
 # running in this thread while it is open, which breaks every later test that
 # runs its own event loop; it must be closed when the browser tests end.
@@ -64,9 +59,9 @@ def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is missing: pip install -e '.[test]'")
+        missing("the playwright package is missing: pip install -e '.[test]'")
     if not CHROMIUM.exists():
-        _unavailable(f"no {CHROMIUM}: run ops/ui/chromium.sh install")
+        missing(f"no {CHROMIUM}: run ops/ui/chromium.sh install")
 
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(

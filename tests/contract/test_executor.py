@@ -46,6 +46,7 @@ from kdcube.exec.ports import (
 from kdcube.exec.subprocess import SubprocessExecutor
 from kdcube.exec.workspace import OutCaps
 from tests.docker_server import containers, engine, volumes
+from tests.needs import missing
 
 from .conftest import real_clock_backend
 
@@ -191,11 +192,7 @@ def host_pids(run_id: str) -> set[int]:
 @contextmanager
 def _local() -> Iterator[Tracked]:
     if shutil.which("bwrap") is None:
-        if os.environ.get("CI"):
-            pytest.fail(
-                "bwrap is missing; CI must provide it (ops/exec/local.sh install)"
-            )
-        pytest.skip("bwrap is missing (ops/exec/local.sh install)")
+        missing("bwrap is missing (ops/exec/local.sh install)")
     # Under the system's temporary folder, not pytest's private one: the
     # sandbox's user must be able to reach its workspace.
     folder = Path(tempfile.mkdtemp(prefix="kdcube-test-local-"))

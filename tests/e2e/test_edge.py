@@ -235,27 +235,6 @@ async def test_a_role_that_does_not_answer_is_a_502_with_a_reason(
     assert ready.status_code == 200
 
 
-async def test_tls_serves_http2_with_hsts_and_announces_http3(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    context = ssl.create_default_context(cafile=str(cert))
-    async with (
-        serve(tmp_path, edge=False) as roles,
-        edge_before(
-            tmp_path, roles.url, tls_cert=cert, tls_key=key, http3=True, verify=context
-        ) as edge,
-    ):
-        async with httpx.AsyncClient(
-            base_url=edge.url, http2=True, verify=context, timeout=10
-        ) as client:
-            answer = await client.get("/api/conversations", headers=auth("alice"))
-
-    assert edge.url.startswith("https://")
-    assert answer.status_code == 200
-    assert answer.http_version == "HTTP/2"
-    assert answer.headers["strict-transport-security"].startswith("max-age=")
-    assert "h3=" in answer.headers["alt-svc"]
-
-
 async def chunks(piece: bytes, count: int) -> AsyncIterator[bytes]:
     """A body sent chunked, with no length declared up front."""
     for _ in range(count):
@@ -277,6 +256,21 @@ async def h3_edge(tmp_path: Path) -> AsyncIterator[tuple[Edge, int, Path, Server
         health = await edge.client.get("/health")
         quic_port = int(health.headers["alt-svc"].split('":')[1].split('"')[0])
         yield edge, quic_port, cert, roles
+
+
+async def test_tls_serves_http2_with_hsts_and_announces_http3(tmp_path: Path) -> None:
+    async with h3_edge(tmp_path) as (edge, _, cert, _roles):
+        context = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(
+            base_url=edge.url, http2=True, verify=context, timeout=10
+        ) as client:
+            answer = await client.get("/api/conversations", headers=auth("alice"))
+
+    assert edge.url.startswith("https://")
+    assert answer.status_code == 200
+    assert answer.http_version == "HTTP/2"
+    assert answer.headers["strict-transport-security"].startswith("max-age=")
+    assert "h3=" in answer.headers["alt-svc"]
 
 
 async def test_http3_carries_requests_and_streams_through_the_edge(

@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 from kdcube.exec import ExecError, ExecRequest, ExecResult
 from kdcube.exec.cgroups import find
 from kdcube.exec.local import LocalSandboxExecutor
+from tests.needs import missing
 
 pytestmark = pytest.mark.anyio
 
@@ -43,9 +44,7 @@ needs_cgroups = pytest.mark.skipif(
 def _needs_bwrap() -> None:
     if shutil.which("bwrap") is not None:
         return
-    if os.environ.get("CI"):
-        pytest.fail("bwrap is missing; CI must provide it (ops/exec/local.sh install)")
-    pytest.skip("bwrap is missing (ops/exec/local.sh install)")
+    missing("bwrap is missing (ops/exec/local.sh install)")
 
 
 @pytest.fixture(params=["trio", "asyncio"])

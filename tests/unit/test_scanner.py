@@ -7,8 +7,6 @@ autojump clock, so the 3 s scan timeout costs no real time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -27,11 +25,11 @@ from kdcube.uploads import (
     scanner_from,
 )
 from tests.clamd_server import EICAR, ClamdUrls, PrivateClamd
+from tests.loopback import tcp_peer
 
 pytestmark = pytest.mark.anyio
 
 TRANSPORTS = ["unix", "tcp"]
-Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
 
 
 def on_autojump_clock() -> pytest.MarkDecorator:
@@ -147,17 +145,6 @@ async def test_dead_socket_passes_a_best_effort_scan(tmp_path: Path) -> None:
     assert [entry["event"] for entry in logs] == ["scan.failed_open"]
 
 
-@asynccontextmanager
-async def listener(handler: Handler) -> AsyncIterator[str]:
-    """A TCP listener on a free port running ``handler`` per connection."""
-    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-    async with tcp, anyio.create_task_group() as tasks:
-        tasks.start_soon(tcp.serve, handler)
-        yield f"tcp://127.0.0.1:{port}"
-        tasks.cancel_scope.cancel()
-
-
 async def read_forever(stream: anyio.abc.SocketStream) -> None:
     async with stream:
         with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
@@ -172,8 +159,8 @@ async def never_read(stream: anyio.abc.SocketStream) -> None:
 
 @on_autojump_clock()
 async def test_clamd_that_never_answers_fails_after_the_timeout() -> None:
-    async with listener(read_forever) as url:
-        verdict = await scan_bytes(scanner_from(url), "a.txt", b"hello")
+    async with tcp_peer(read_forever) as address:
+        verdict = await scan_bytes(scanner_from(f"tcp://{address}"), "a.txt", b"hello")
 
     assert (verdict.outcome, verdict.passed) == ("failed", False)
     assert verdict.detail == "no answer from clamd within 3.0 s"
@@ -181,8 +168,8 @@ async def test_clamd_that_never_answers_fails_after_the_timeout() -> None:
 
 @on_autojump_clock()
 async def test_clamd_that_stops_reading_fails_while_feeding() -> None:
-    async with listener(never_read) as url:
-        scanner = scanner_from(url, timeout_s=1.0)
+    async with tcp_peer(never_read) as address:
+        scanner = scanner_from(f"tcp://{address}", timeout_s=1.0)
         chunk = filler(1024 * 1024)
         async with scanner.scan("big.bin") as scan:
             # More than the kernel buffers of both ends can hold.
@@ -206,9 +193,9 @@ async def test_cancelling_a_scan_closes_the_connection() -> None:
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 hung_up.set()
 
-    async with listener(note_hang_up) as url:
+    async with tcp_peer(note_hang_up) as address:
         with anyio.move_on_after(1.0) as waiting:
-            await scan_bytes(scanner_from(url), "a.txt", b"hello")
+            await scan_bytes(scanner_from(f"tcp://{address}"), "a.txt", b"hello")
         with anyio.fail_after(0.5):
             await hung_up.wait()
 
